@@ -1,0 +1,574 @@
+"""Gaussian diffusion: noise schedules, training targets, samplers and the variational bound.
+
+The scheduler side of DDPM (Ho et al. 2020) and DDIM (Song et al. 2021), kept apart from any
+network (diffusers-style): every function takes ``model_fn(x_t, t) -> prediction`` and tensors of
+any shape ``(B, ...)``, so the same object drives pixel-space DDPM and latent diffusion.
+
+Conventions
+-----------
+* Time index ``t`` is 0-based: ``t = 0 .. T-1`` here is the paper's ``t = 1 .. T``. Hence
+  ``alphas_cumprod[t]`` is the paper's ``alpha_bar_{t+1}`` and ``alphas_cumprod_prev[0] = 1``
+  (``alpha_bar_0 = 1``: x_0 is the data).
+* ``alpha_t = 1 - beta_t``, ``alpha_bar_t = prod_{s<=t} alpha_s`` (Ho et al. eq. 4):
+  ``q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)``.
+* The network predicts one of (``DiffusionConfig.prediction``)
+  ``eps`` (Ho et al.), ``x0``, or ``v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0``
+  (Salimans & Ho 2022, sec. 4).
+* Coefficients are computed once in float64 and stored as non-persistent buffers: they are
+  derived from the config, so they follow ``.to(device)`` but never enter a checkpoint.
+  Per-call they are cast to the dtype of the tensor they multiply.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from genbench.errors import GenbenchError
+
+ModelFn = Callable[[Tensor, Tensor], Tensor]
+
+# --------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class DiffusionConfig:
+    """Forward process and training objective.
+
+    ``beta_start``/``beta_end`` are used as given for the linear schedule (Ho et al. use 1e-4 and
+    0.02 with T = 1000); with fewer steps, raise ``beta_end`` so that alpha_bar_T stays small.
+    """
+
+    num_timesteps: int = 1000
+    schedule: str = "linear"  # "linear" (Ho et al. 2020) | "cosine" (Nichol & Dhariwal 2021)
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction: str = "eps"  # "eps" | "x0" | "v"
+    loss_weighting: str = "none"  # "none" | "min_snr" (Hang et al. 2023)
+    min_snr_gamma: float = 5.0
+
+    def validate(self) -> None:
+        if self.num_timesteps < 2:
+            raise GenbenchError(f"diffusion num_timesteps must be >= 2, got {self.num_timesteps}")
+        if self.schedule not in ("linear", "cosine"):
+            raise GenbenchError(f"diffusion schedule must be 'linear' or 'cosine', got {self.schedule!r}")
+        if self.schedule == "linear" and not (0.0 < self.beta_start <= self.beta_end < 1.0):
+            raise GenbenchError(
+                f"diffusion betas must satisfy 0 < beta_start <= beta_end < 1, "
+                f"got beta_start={self.beta_start}, beta_end={self.beta_end}"
+            )
+        if self.prediction not in ("eps", "x0", "v"):
+            raise GenbenchError(f"diffusion prediction must be 'eps', 'x0' or 'v', got {self.prediction!r}")
+        if self.loss_weighting not in ("none", "min_snr"):
+            raise GenbenchError(
+                f"diffusion loss_weighting must be 'none' or 'min_snr', got {self.loss_weighting!r}"
+            )
+        if not self.min_snr_gamma > 0:
+            raise GenbenchError(f"diffusion min_snr_gamma must be > 0, got {self.min_snr_gamma}")
+
+
+# --------------------------------------------------------------------------------------------
+# schedules
+
+
+def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
+    """beta_t evenly spaced from beta_start to beta_end (Ho et al. 2020, sec. 4), float64."""
+    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+
+
+def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Cosine schedule (Nichol & Dhariwal 2021, eq. 17), float64.
+
+    alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2);
+    beta_t = min(1 - alpha_bar(t) / alpha_bar(t-1), max_beta). The clip at 0.999 avoids the
+    singularity at t = T.
+    """
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+
+
+def _extract(coef: Tensor, t: Tensor, x: Tensor) -> Tensor:
+    """coef[t] cast to x's dtype, shaped (B, 1, 1, ...) to broadcast against x of shape (B, ...)."""
+    return coef.to(t.device)[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats.
+
+    = 0.5 * (logvar2 - logvar1 + exp(logvar1 - logvar2) + (mean1 - mean2)^2 exp(-logvar2) - 1).
+    """
+    return 0.5 * (
+        logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0
+    )
+
+
+def log_normal_mass(lo: Tensor, hi: Tensor) -> Tensor:
+    """log(Phi(hi) - Phi(lo)) for lo < hi (either may be infinite), accurate in both tails.
+
+    Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi), so an interval right of 0 is mirrored to the left,
+    where log Phi (special.log_ndtr) keeps full relative precision; then
+    log(Phi(hi) - Phi(lo)) = log Phi(hi) + log(1 - exp(log Phi(lo) - log Phi(hi))).
+    """
+    flip = lo > 0
+    lo, hi = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
+    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    return log_hi + torch.log(-torch.expm1(log_lo - log_hi))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor, bins: int = 256) -> Tensor:
+    """log P(x) under a Gaussian discretized to ``bins`` levels on [-1, 1] (Ho et al. 2020, eq. 13).
+
+    Level k in {0..bins-1} is x = 2k/(bins-1) - 1 and owns [x - 1/(bins-1), x + 1/(bins-1)], except
+    that the lowest level's bin extends to -inf and the highest's to +inf, so the masses of the
+    ``bins`` levels sum to exactly 1. Exact normal CDF (no tanh approximation); call with float64
+    for likelihood evaluation. Elementwise, in nats.
+    """
+    half_width = 1.0 / (bins - 1)
+    edge = 1.0 - half_width  # halfway between the two lowest (highest) levels
+    inv_std = torch.exp(-log_scale)
+    inf = torch.tensor(math.inf, dtype=x.dtype, device=x.device)
+    lo = torch.where(x < -edge, -inf, (x - mean - half_width) * inv_std)
+    hi = torch.where(x > edge, inf, (x - mean + half_width) * inv_std)
+    return log_normal_mass(lo, hi)
+
+
+# --------------------------------------------------------------------------------------------
+# the process
+
+
+class GaussianDiffusion(nn.Module):
+    """Precomputed DDPM coefficients and everything that uses them.
+
+    Buffers (float64, length T, 0-based t; see module docstring):
+      betas, alphas, alphas_cumprod (alpha_bar_t), alphas_cumprod_prev (alpha_bar_{t-1}, = 1 at t=0),
+      sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, log_one_minus_alphas_cumprod,
+      sqrt_recip_alphas_cumprod (1/sqrt(alpha_bar)), sqrt_recipm1_alphas_cumprod (sqrt(1/alpha_bar - 1)),
+      posterior_variance  beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t   (Ho eq. 7),
+      posterior_log_variance_clipped  log beta~_t with beta~_1 (= 0) replaced by beta~_2,
+      posterior_mean_coef1 = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)            (Ho eq. 7),
+      posterior_mean_coef2 = sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t).
+    """
+
+    def __init__(self, config: DiffusionConfig | None = None):
+        super().__init__()
+        config = config if config is not None else DiffusionConfig()
+        config.validate()
+        self.config = config
+        T = config.num_timesteps
+        if config.schedule == "linear":
+            betas = linear_betas(T, config.beta_start, config.beta_end)
+        else:
+            betas = cosine_betas(T)
+        alphas = 1.0 - betas
+        ac = torch.cumprod(alphas, dim=0)
+        if ac[-1] > 0.01:
+            raise GenbenchError(
+                f"diffusion schedule ends at alpha_bar_T = {ac[-1]:.3g} > 0.01, so x_T is far from N(0, I); "
+                f"increase num_timesteps or beta_end"
+            )
+        ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
+        post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+        buffers = dict(
+            betas=betas,
+            alphas=alphas,
+            alphas_cumprod=ac,
+            alphas_cumprod_prev=ac_prev,
+            sqrt_alphas_cumprod=ac.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1.0 - ac).sqrt(),
+            log_one_minus_alphas_cumprod=torch.log1p(-ac),
+            sqrt_recip_alphas_cumprod=ac.rsqrt(),
+            sqrt_recipm1_alphas_cumprod=(1.0 / ac - 1.0).sqrt(),
+            posterior_variance=post_var,
+            posterior_log_variance_clipped=torch.log(torch.cat([post_var[1:2], post_var[1:]])),
+            posterior_mean_coef1=betas * ac_prev.sqrt() / (1.0 - ac),
+            posterior_mean_coef2=alphas.sqrt() * (1.0 - ac_prev) / (1.0 - ac),
+            snr=ac / (1.0 - ac),
+        )
+        for name, value in buffers.items():
+            self.register_buffer(name, value, persistent=False)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.config.num_timesteps
+
+    # --- forward process and parameterizations ----------------------------------------------
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps  (Ho et al. eq. 4, reparameterized)."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        return _extract(self.sqrt_alphas_cumprod, t, x0) * x0 + _extract(
+            self.sqrt_one_minus_alphas_cumprod, t, x0
+        ) * noise
+
+    def predict_x0_from_eps(self, xt: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) = x_t/sqrt(abar) - sqrt(1/abar - 1) eps."""
+        return _extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - _extract(
+            self.sqrt_recipm1_alphas_cumprod, t, xt
+        ) * eps
+
+    def predict_eps_from_x0(self, xt: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        """eps = (x_t / sqrt(abar) - x0) / sqrt(1/abar - 1), the inverse of predict_x0_from_eps."""
+        return (_extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - x0) / _extract(
+            self.sqrt_recipm1_alphas_cumprod, t, xt
+        )
+
+    def v_target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """v = sqrt(abar) eps - sqrt(1 - abar) x0  (Salimans & Ho 2022, sec. 4)."""
+        return _extract(self.sqrt_alphas_cumprod, t, x0) * noise - _extract(
+            self.sqrt_one_minus_alphas_cumprod, t, x0
+        ) * x0
+
+    def predict_x0_from_v(self, xt: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """x0 = sqrt(abar) x_t - sqrt(1 - abar) v  (Salimans & Ho 2022, from the rotation (x_t, v) of (x0, eps))."""
+        return _extract(self.sqrt_alphas_cumprod, t, xt) * xt - _extract(
+            self.sqrt_one_minus_alphas_cumprod, t, xt
+        ) * v
+
+    def predict_eps_from_v(self, xt: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """eps = sqrt(1 - abar) x_t + sqrt(abar) v  (Salimans & Ho 2022)."""
+        return _extract(self.sqrt_one_minus_alphas_cumprod, t, xt) * xt + _extract(
+            self.sqrt_alphas_cumprod, t, xt
+        ) * v
+
+    def predict_x0(self, model_out: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+        """x0 estimate from a network output of the configured prediction type."""
+        kind = self.config.prediction
+        if kind == "eps":
+            return self.predict_x0_from_eps(xt, t, model_out)
+        if kind == "x0":
+            return model_out
+        return self.predict_x0_from_v(xt, t, model_out)
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the network regresses on: eps, x0 or v, per ``config.prediction``."""
+        kind = self.config.prediction
+        if kind == "eps":
+            return noise
+        if kind == "x0":
+            return x0
+        return self.v_target(x0, t, noise)
+
+    def loss_weight(self, t: Tensor) -> Tensor:
+        """Min-SNR-gamma weight per sample (Hang et al. 2023, sec. 3.4), float32, shape (B,).
+
+        The intended loss is min(SNR_t, gamma) * ||x0 - x0_hat||^2. Written in the regression target
+        of each parameterization (||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2,
+        ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2) the weight is
+        min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0, min(SNR, gamma) / (SNR + 1) for v.
+        """
+        snr = self.snr.to(t.device)[t]
+        gamma = self.config.min_snr_gamma
+        clipped = snr.clamp(max=gamma)
+        kind = self.config.prediction
+        if kind == "eps":
+            w = (gamma / snr).clamp(max=1.0)  # = min(SNR, gamma) / SNR without 0/0 as SNR -> 0
+        elif kind == "x0":
+            w = clipped
+        else:
+            w = clipped / (snr + 1.0)
+        return w.float()
+
+    def training_loss(self, model_fn: ModelFn, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """L_simple = E_{t ~ U{1..T}, eps ~ N(0, I)} || target - model(x_t, t) ||^2  (Ho et al. eq. 14).
+
+        Mean over all elements (optionally min-SNR weighted per sample). Draws t and eps from
+        torch's global RNG when ``generator`` is None, so a seeded trainer resumes bit-identically.
+        The squared error is taken in float32 even when the network runs under bf16 autocast.
+        """
+        b = x0.shape[0]
+        t = torch.randint(0, self.num_timesteps, (b,), device=x0.device, generator=generator)
+        if generator is None:
+            noise = torch.randn_like(x0)
+        else:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        xt = self.q_sample(x0, t, noise)
+        target = self.training_target(x0, noise, t)
+        err = (model_fn(xt, t).float() - target.float()) ** 2
+        if self.config.loss_weighting == "none":
+            return err.mean()
+        per_sample = err.reshape(b, -1).mean(dim=1)
+        return (self.loss_weight(t) * per_sample).mean()
+
+    # --- reverse process --------------------------------------------------------------------
+
+    def q_posterior(self, x0: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q(x_{t-1} | x_t, x0) = N(mu~, beta~ I)  (Ho et al. eq. 6-7).
+
+        mu~ = coef1 * x0 + coef2 * x_t. Returns (mean, variance, clipped log-variance), the last two
+        broadcastable to x_t.
+        """
+        mean = _extract(self.posterior_mean_coef1, t, xt) * x0 + _extract(self.posterior_mean_coef2, t, xt) * xt
+        return mean, _extract(self.posterior_variance, t, xt), _extract(self.posterior_log_variance_clipped, t, xt)
+
+    def p_mean_variance(
+        self,
+        model_out: Tensor,
+        xt: Tensor,
+        t: Tensor,
+        clip_x0: tuple[float, float] | None = (-1.0, 1.0),
+        variance: Literal["beta", "beta_tilde"] = "beta_tilde",
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """p(x_{t-1} | x_t) = N(mu~(x_t, x0_hat), sigma_t^2 I)  (Ho et al. sec. 3.2).
+
+        x0_hat comes from the network output (clamped to ``clip_x0`` unless None), the mean is the
+        posterior mean q_posterior(x0_hat, x_t) (equal to Ho eq. 11 for eps-prediction), and
+        sigma_t^2 = beta_t ("beta", the upper bound) or beta~_t ("beta_tilde", the lower bound; its
+        log is clipped at t = 1 where beta~_1 = 0). Returns (mean, variance, log_variance, x0_hat).
+        """
+        x0_hat = self.predict_x0(model_out, xt, t)
+        if clip_x0 is not None:
+            x0_hat = x0_hat.clamp(*clip_x0)
+        mean, post_var, post_log_var = self.q_posterior(x0_hat, xt, t)
+        if variance == "beta_tilde":
+            return mean, post_var, post_log_var, x0_hat
+        if variance == "beta":
+            var = _extract(self.betas, t, xt)
+            return mean, var, var.log(), x0_hat
+        raise GenbenchError(f"reverse variance must be 'beta' or 'beta_tilde', got {variance!r}")
+
+    # --- samplers ---------------------------------------------------------------------------
+
+    def _noise(self, shape, generator, device, dtype) -> Tensor:
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    @torch.inference_mode()
+    def ddpm_sample(
+        self,
+        model_fn: ModelFn,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        variance: Literal["beta", "beta_tilde"] = "beta_tilde",
+        clip_x0: tuple[float, float] | None = (-1.0, 1.0),
+        progress: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        x_T: Tensor | None = None,
+    ) -> Tensor:
+        """Ancestral sampling, Ho et al. 2020 Algorithm 2, over all T steps.
+
+        x_T ~ N(0, I); for t = T..1: x_{t-1} = mu~(x_t, x0_hat) + sigma_t z, z ~ N(0, I), no noise at
+        the last step. Noise comes from ``generator`` (global RNG if None). ``device`` defaults to the
+        generator's device, else the buffers' device.
+        """
+        if variance not in ("beta", "beta_tilde"):
+            raise GenbenchError(f"reverse variance must be 'beta' or 'beta_tilde', got {variance!r}")
+        device = torch.device(device) if device is not None else self._device(generator)
+        x = self._noise(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
+        T = self.num_timesteps
+        # per-step scalars cast once; the loop only indexes them
+        c = {k: getattr(self, k).to(device, dtype) for k in self._coef_names()}
+        sigma = (c["posterior_variance"] if variance == "beta_tilde" else c["betas"]).sqrt()
+        ts = torch.arange(T, device=device).view(T, 1).expand(T, shape[0])
+        for i in tqdm(range(T - 1, -1, -1), desc="ddpm", disable=not progress, leave=False):
+            out = model_fn(x, ts[i])
+            x0 = self._x0_from_out(out, x, c, i)
+            if clip_x0 is not None:
+                x0 = x0.clamp(*clip_x0)
+            x = c["posterior_mean_coef1"][i] * x0 + c["posterior_mean_coef2"][i] * x
+            if i > 0:
+                x = x + sigma[i] * self._noise(shape, generator, device, dtype)
+        return x
+
+    @torch.inference_mode()
+    def ddim_sample(
+        self,
+        model_fn: ModelFn,
+        shape: tuple[int, ...],
+        steps: int = 50,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        clip_x0: tuple[float, float] | None = (-1.0, 1.0),
+        progress: bool = True,
+        spacing: Literal["trailing", "leading"] = "trailing",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        x_T: Tensor | None = None,
+    ) -> Tensor:
+        """DDIM sampling over a subsequence tau of the T steps (Song et al. 2021, eq. 12).
+
+        x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
+        sigma = eta * sqrt((1 - abar_prev)/(1 - abar_t)) * sqrt(1 - abar_t/abar_prev)  (eq. 16);
+        eta = 0 is the deterministic DDIM, eta = 1 the DDPM posterior on the subsequence. The last
+        step goes to abar_prev = 1, i.e. returns x0_hat. When x0_hat is clipped, eps_hat is recomputed
+        from the clipped x0_hat so that the two stay consistent (as in improved-diffusion).
+
+        ``spacing`` (0-based timesteps, descending; cf. Lin et al. 2024, table 2):
+          * "trailing": round(T - k*T/steps) - 1, k = 0..steps-1: starts at t = T-1 (the paper's T, the
+            step whose marginal the N(0, I) prior matches) and ends at T/steps - 1. Default.
+          * "leading": k*(T // steps), k = steps-1..0: the DDIM paper's uniform tau, starts at
+            T - T//steps and ends at t = 0.
+        """
+        T = self.num_timesteps
+        if not 1 <= steps <= T:
+            raise GenbenchError(f"DDIM steps must be in [1, num_timesteps={T}], got {steps}")
+        if eta < 0:
+            raise GenbenchError(f"DDIM eta must be >= 0, got {eta}")
+        device = torch.device(device) if device is not None else self._device(generator)
+        tau = ddim_timesteps(T, steps, spacing).to(device)
+        x = self._noise(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
+        ac = self.alphas_cumprod.to(device)
+        a_t = ac[tau]
+        a_prev = torch.cat([ac[tau[1:]], ac.new_ones(1)])
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        # cast once: coefficient of x0_hat, of eps_hat, noise scale, and the x0/eps conversions at tau
+        c_x0, c_eps = a_prev.sqrt().to(dtype), (1 - a_prev - sigma**2).clamp_min(0).sqrt().to(dtype)
+        sigma = sigma.to(dtype)
+        c = {k: getattr(self, k).to(device)[tau].to(dtype) for k in self._coef_names()}
+        ts = tau.view(steps, 1).expand(steps, shape[0])
+        for i in tqdm(range(steps), desc="ddim", disable=not progress, leave=False):
+            out = model_fn(x, ts[i])
+            x0 = self._x0_from_out(out, x, c, i)
+            if clip_x0 is None:
+                eps = self._eps_from_out(out, x, c, i)
+            else:
+                x0 = x0.clamp(*clip_x0)
+                eps = (c["sqrt_recip_alphas_cumprod"][i] * x - x0) / c["sqrt_recipm1_alphas_cumprod"][i]
+            x = c_x0[i] * x0 + c_eps[i] * eps
+            if eta > 0 and i < steps - 1:
+                x = x + sigma[i] * self._noise(shape, generator, device, dtype)
+        return x
+
+    @staticmethod
+    def _coef_names() -> tuple[str, ...]:
+        return (
+            "betas",
+            "posterior_variance",
+            "posterior_mean_coef1",
+            "posterior_mean_coef2",
+            "sqrt_alphas_cumprod",
+            "sqrt_one_minus_alphas_cumprod",
+            "sqrt_recip_alphas_cumprod",
+            "sqrt_recipm1_alphas_cumprod",
+        )
+
+    def _x0_from_out(self, out: Tensor, x: Tensor, c: dict[str, Tensor], i: int) -> Tensor:
+        """predict_x0 with per-step scalars already indexed from the sampler's cast coefficient table."""
+        kind = self.config.prediction
+        if kind == "eps":
+            return c["sqrt_recip_alphas_cumprod"][i] * x - c["sqrt_recipm1_alphas_cumprod"][i] * out
+        if kind == "x0":
+            return out.to(x.dtype)
+        return c["sqrt_alphas_cumprod"][i] * x - c["sqrt_one_minus_alphas_cumprod"][i] * out
+
+    def _eps_from_out(self, out: Tensor, x: Tensor, c: dict[str, Tensor], i: int) -> Tensor:
+        """predict_eps with per-step scalars already indexed (see _x0_from_out)."""
+        kind = self.config.prediction
+        if kind == "eps":
+            return out.to(x.dtype)
+        if kind == "x0":
+            return (c["sqrt_recip_alphas_cumprod"][i] * x - out) / c["sqrt_recipm1_alphas_cumprod"][i]
+        return c["sqrt_one_minus_alphas_cumprod"][i] * x + c["sqrt_alphas_cumprod"][i] * out
+
+    def _device(self, generator: torch.Generator | None) -> torch.device:
+        return generator.device if generator is not None else self.betas.device
+
+    # --- variational bound ------------------------------------------------------------------
+
+    def prior_kl(self, x0: Tensor) -> Tensor:
+        """L_T = KL(q(x_T | x0) || N(0, I)) summed over non-batch dims, nats, float64, shape (B,)."""
+        x0 = x0.double()
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        mean = _extract(self.sqrt_alphas_cumprod, t, x0) * x0
+        logvar = _extract(self.log_one_minus_alphas_cumprod, t, x0)
+        return normal_kl(mean, logvar, torch.zeros_like(mean), torch.zeros_like(mean)).flatten(1).sum(1)
+
+    def vlb_terms(
+        self,
+        model_fn: ModelFn,
+        x0: Tensor,
+        t: Tensor,
+        noise: Tensor | None = None,
+        variance: Literal["beta", "beta_tilde"] = "beta_tilde",
+        clip_x0: tuple[float, float] | None = None,
+    ) -> Tensor:
+        """One term of the bound per sample, summed over dims, nats, float64, shape (B,).
+
+        For 0-based t >= 1 (the paper's t >= 2): L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))
+        with x_t = q_sample(x0, t, noise) (Ho et al. eq. 5; closed form, both Gaussian).
+        For t = 0: L_0 = -log p(x0 | x_1), the discretized Gaussian decoder (Ho et al. sec. 3.3)
+        with mean x0_hat and log-scale 0.5 * log sigma_1^2 (clipped beta~ or beta_1).
+        x0 must be 8-bit data scaled to [-1, 1]. The network runs in x0's dtype; the bound
+        arithmetic is float64.
+        """
+        xt = self.q_sample(x0, t, noise)
+        out = model_fn(xt, t)
+        x0d, xtd = x0.double(), xt.double()
+        mean, _, log_var, _ = self.p_mean_variance(out.double(), xtd, t, clip_x0, variance)
+        true_mean, _, true_log_var = self.q_posterior(x0d, xtd, t)
+        kl = normal_kl(true_mean, true_log_var, mean, log_var)
+        nll = -discretized_gaussian_log_likelihood(x0d, mean, 0.5 * log_var.expand_as(mean))
+        is_decoder = (t == 0).reshape(-1, *([1] * (x0.ndim - 1)))
+        return torch.where(is_decoder, nll, kl).flatten(1).sum(1)
+
+    @torch.inference_mode()
+    def bits_per_dim(
+        self,
+        model_fn: ModelFn,
+        x0: Tensor,
+        num_timesteps: int | None = None,
+        generator: torch.Generator | None = None,
+        variance: Literal["beta", "beta_tilde"] = "beta_tilde",
+        clip_x0: tuple[float, float] | None = None,
+        progress: bool = False,
+    ) -> dict[str, Tensor]:
+        """Negative variational bound in bits per dimension (Ho et al. 2020, eq. 5), per sample.
+
+        -log p(x0) <= L = L_T + sum_{t=2}^{T} L_{t-1} + L_0, and bpd = L / (D ln 2) with D the number
+        of dimensions of one x0. Because L_0 is a probability mass over the 256 levels of 8-bit data
+        (the [0, 255] -> [-1, 1] scaling is inside the bin edges), this is the bits/dim of the 8-bit
+        data with no extra change-of-variables term.
+
+        ``num_timesteps=None`` evaluates all T-1 KL terms (one noise draw each). Otherwise the sum
+        over the T-1 KL terms is estimated by stratified sampling: {2..T} is cut into K =
+        num_timesteps contiguous strata S_k, one t_k is drawn uniformly from each (independently per
+        sample), and sum_t L_{t-1} ~= sum_k |S_k| L_{t_k - 1}; each stratum's term is unbiased, so the
+        sum is (T * mean over t when the strata are equal). L_T (closed form) and L_0 (one noise draw)
+        are always computed exactly and not sampled, since L_0 dominates and differs in kind.
+
+        Returns float64 tensors of shape (B,): "bpd" and its parts "prior_bpd" (L_T),
+        "diffusion_bpd" (the KL sum), "decoder_bpd" (L_0).
+        """
+        T = self.num_timesteps
+        b, device = x0.shape[0], x0.device
+        per_dim = 1.0 / (x0[0].numel() * math.log(2.0))
+        if x0.min() < -1 - 1e-6 or x0.max() > 1 + 1e-6:
+            raise GenbenchError("bits_per_dim expects data scaled to [-1, 1] (8-bit levels mapped by x/127.5 - 1)")
+
+        def term(t: Tensor) -> Tensor:
+            noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+            return self.vlb_terms(model_fn, x0, t, noise, variance, clip_x0)
+
+        decoder = term(torch.zeros(b, dtype=torch.long, device=device))
+        if num_timesteps is None:
+            starts, sizes = torch.arange(1, T), torch.ones(T - 1, dtype=torch.long)
+        else:
+            if not 1 <= num_timesteps <= T - 1:
+                raise GenbenchError(f"bits_per_dim num_timesteps must be in [1, {T - 1}] or None, got {num_timesteps}")
+            edges = torch.div(torch.arange(num_timesteps + 1) * (T - 1), num_timesteps, rounding_mode="floor") + 1
+            starts, sizes = edges[:-1], edges[1:] - edges[:-1]
+        diffusion = torch.zeros(b, dtype=torch.float64, device=device)
+        for start, size in tqdm(list(zip(starts.tolist(), sizes.tolist())), desc="vlb", disable=not progress, leave=False):
+            diffusion += size * term(start + torch.randint(0, size, (b,), generator=generator, device=device))
+        prior = self.prior_kl(x0)
+        parts = {"prior_bpd": prior * per_dim, "diffusion_bpd": diffusion * per_dim, "decoder_bpd": decoder * per_dim}
+        parts["bpd"] = parts["prior_bpd"] + parts["diffusion_bpd"] + parts["decoder_bpd"]
+        return parts
+
+
+def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> Tensor:
+    """Descending 0-based timesteps tau for DDIM (see GaussianDiffusion.ddim_sample)."""
+    T = num_timesteps
+    if spacing == "trailing":
+        tau = torch.round(T - torch.arange(steps, dtype=torch.float64) * (T / steps)).long() - 1
+    elif spacing == "leading":
+        tau = torch.arange(steps - 1, -1, -1) * (T // steps)
+    else:
+        raise GenbenchError(f"DDIM spacing must be 'trailing' or 'leading', got {spacing!r}")
+    return tau

@@ -1,0 +1,86 @@
+"""Auto-Encoder: x -> z -> x_hat, trained with L2 reconstruction.
+
+An auto-encoder learns a representation, not a distribution: it has no prior over z, so it cannot
+generate by itself. To put it in the comparison anyway, `sample` uses a *heuristic*: after
+training, a full-covariance Gaussian is fitted to the latents of the training set and new codes are
+drawn from it (z = mu + L eps) and decoded. Its likelihood is undefined and reported as such.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import GenbenchError
+from ..gaussian import mvn_rsample
+from ..registry import register
+from .nets import make_decoder, make_encoder
+
+
+@dataclass
+class AEConfig:
+    image_channels: int = 1
+    image_size: int = 8
+    latent_dim: int = 16
+    arch: Literal["mlp", "conv"] = "conv"
+    width: int = 32
+
+    def validate(self) -> None:
+        for name in ("image_channels", "image_size", "latent_dim", "width"):
+            if getattr(self, name) < 1:
+                raise GenbenchError(f"ae config: {name} must be >= 1, got {getattr(self, name)}")
+
+
+@register("ae")
+class AE(nn.Module):
+    Config = AEConfig
+    PRESETS = {
+        "quick": {"model": {"arch": "mlp", "latent_dim": 16, "width": 256},
+                  "train": {"steps": 1500, "batch_size": 128, "lr": 2e-3, "lr_schedule": "cosine", "log_every": 50}},
+        "standard": {"model": {"arch": "conv", "latent_dim": 32, "width": 32},
+                     "train": {"steps": 6000, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine",
+                               "warmup_steps": 200, "bf16": True, "log_every": 100, "ckpt_every": 1000}},
+    }
+
+    def __init__(self, config: AEConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.encoder = make_encoder(c.arch, c.image_channels, c.image_size, c.latent_dim, c.width)
+        self.decoder = make_decoder(c.arch, c.latent_dim, c.image_channels, c.image_size, c.width)
+        # the sampling heuristic: N(latent_mean, L L^T) fitted to training latents in finish_training
+        self.register_buffer("latent_mean", torch.zeros(c.latent_dim))
+        self.register_buffer("latent_scale_tril", torch.eye(c.latent_dim))
+
+    def encode(self, x):
+        return self.encoder(x)
+
+    def decode(self, z):
+        return torch.sigmoid(self.decoder(z))
+
+    def reconstruct(self, x):
+        return self.decode(self.encode(x))
+
+    def loss(self, batch, step: int = 0, stage: str = "main"):
+        x_hat = self.decode(self.encode(batch))
+        mse = F.mse_loss(x_hat.float(), batch, reduction="none").flatten(1).sum(1).mean()
+        return {"loss": mse, "mse_per_pixel": mse.detach() / batch[0].numel()}
+
+    @torch.no_grad()
+    def finish_training(self, train_images):
+        z = torch.cat([self.encode(x).float() for x in train_images.split(1024)])
+        cov = torch.cov(z.T) + 1e-5 * torch.eye(z.shape[1], device=z.device)
+        self.latent_mean.copy_(z.mean(0))
+        self.latent_scale_tril.copy_(torch.linalg.cholesky(cov))
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None):
+        z = mvn_rsample(self.latent_mean, self.latent_scale_tril, n, generator=generator)
+        return self.decode(z)
+
+    def evaluate(self, test_images, generator=None) -> dict:
+        return {"likelihood": None, "likelihood_note": "undefined: an auto-encoder has no density model"}
