@@ -15,16 +15,6 @@ from genbench.models.quantizer import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny ops; on a busy 2-core machine OpenMP barriers make each one cost
-    milliseconds with 2 threads (10x slower overall), so they run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_vq(**kw) -> VectorQuantizer:
     return VectorQuantizer(QuantizerConfig(**kw))
 

@@ -9,16 +9,6 @@ from genbench.errors import GenbenchError
 from genbench.models.transformer import TransformerConfig, TransformerPrior, sample_logits
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny ops; on a busy 2-core machine OpenMP barriers make each one cost
-    milliseconds with 2 threads (10x slower overall), so they run single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_prior(seed: int = 0, **kw) -> TransformerPrior:
     torch.manual_seed(seed)
     cfg = dict(vocab_size=11, block_size=12, n_layer=2, n_head=2, n_embd=32)

@@ -96,7 +96,12 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
 
 def _extract(coef: Tensor, t: Tensor, x: Tensor) -> Tensor:
     """coef[t] cast to x's dtype, shaped (B, 1, 1, ...) to broadcast against x of shape (B, ...)."""
-    return coef.to(t.device)[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return _bcast(coef.to(t.device)[t].to(x.dtype), x)
+
+
+def _bcast(v: Tensor, x: Tensor) -> Tensor:
+    """A per-sample vector (B,) viewed as (B, 1, 1, ...) to broadcast against x."""
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -283,11 +288,8 @@ class GaussianDiffusion(nn.Module):
         The squared error is taken in float32 even when the network runs under bf16 autocast.
         """
         b = x0.shape[0]
-        t = torch.randint(0, self.num_timesteps, (b,), device=x0.device, generator=generator)
-        if generator is None:
-            noise = torch.randn_like(x0)
-        else:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = self._randint(self.num_timesteps, b, generator, x0.device)
+        noise = self._noise(x0.shape, generator, x0.device, x0.dtype)
         xt = self.q_sample(x0, t, noise)
         target = self.training_target(x0, noise, t)
         err = (model_fn(xt, t).float() - target.float()) ** 2
@@ -333,10 +335,20 @@ class GaussianDiffusion(nn.Module):
             return mean, var, var.log(), x0_hat
         raise GenbenchError(f"reverse variance must be 'beta' or 'beta_tilde', got {variance!r}")
 
+    @staticmethod
+    def _randint(high: int, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+        """n integers uniform on {0..high-1}, drawn on the generator's device, moved to ``device``."""
+        gen_device = generator.device if generator is not None else device
+        return torch.randint(0, high, (n,), generator=generator, device=gen_device).to(device)
+
     # --- samplers ---------------------------------------------------------------------------
 
-    def _noise(self, shape, generator, device, dtype) -> Tensor:
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    @staticmethod
+    def _noise(shape, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """N(0, I) drawn on the generator's device (so a CPU generator gives the same numbers whatever
+        device the model is on), then moved to ``device``."""
+        gen_device = generator.device if generator is not None else device
+        return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
     @torch.inference_mode()
     def ddpm_sample(
@@ -347,19 +359,18 @@ class GaussianDiffusion(nn.Module):
         variance: Literal["beta", "beta_tilde"] = "beta_tilde",
         clip_x0: tuple[float, float] | None = (-1.0, 1.0),
         progress: bool = True,
-        device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         x_T: Tensor | None = None,
     ) -> Tensor:
         """Ancestral sampling, Ho et al. 2020 Algorithm 2, over all T steps.
 
         x_T ~ N(0, I); for t = T..1: x_{t-1} = mu~(x_t, x0_hat) + sigma_t z, z ~ N(0, I), no noise at
-        the last step. Noise comes from ``generator`` (global RNG if None). ``device`` defaults to the
-        generator's device, else the buffers' device.
+        the last step. Runs on the buffers' device; noise comes from ``generator`` (global RNG if None);
+        ``x_T`` fixes the starting noise.
         """
         if variance not in ("beta", "beta_tilde"):
             raise GenbenchError(f"reverse variance must be 'beta' or 'beta_tilde', got {variance!r}")
-        device = torch.device(device) if device is not None else self._device(generator)
+        device = self.betas.device
         x = self._noise(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
         T = self.num_timesteps
         # per-step scalars cast once; the loop only indexes them
@@ -387,7 +398,6 @@ class GaussianDiffusion(nn.Module):
         clip_x0: tuple[float, float] | None = (-1.0, 1.0),
         progress: bool = True,
         spacing: Literal["trailing", "leading"] = "trailing",
-        device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         x_T: Tensor | None = None,
     ) -> Tensor:
@@ -410,7 +420,7 @@ class GaussianDiffusion(nn.Module):
             raise GenbenchError(f"DDIM steps must be in [1, num_timesteps={T}], got {steps}")
         if eta < 0:
             raise GenbenchError(f"DDIM eta must be >= 0, got {eta}")
-        device = torch.device(device) if device is not None else self._device(generator)
+        device = self.betas.device
         tau = ddim_timesteps(T, steps, spacing).to(device)
         x = self._noise(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
         ac = self.alphas_cumprod.to(device)
@@ -466,9 +476,6 @@ class GaussianDiffusion(nn.Module):
             return (c["sqrt_recip_alphas_cumprod"][i] * x - out) / c["sqrt_recipm1_alphas_cumprod"][i]
         return c["sqrt_one_minus_alphas_cumprod"][i] * x + c["sqrt_alphas_cumprod"][i] * out
 
-    def _device(self, generator: torch.Generator | None) -> torch.device:
-        return generator.device if generator is not None else self.betas.device
-
     # --- variational bound ------------------------------------------------------------------
 
     def prior_kl(self, x0: Tensor) -> Tensor:
@@ -501,11 +508,16 @@ class GaussianDiffusion(nn.Module):
         out = model_fn(xt, t)
         x0d, xtd = x0.double(), xt.double()
         mean, _, log_var, _ = self.p_mean_variance(out.double(), xtd, t, clip_x0, variance)
-        true_mean, _, true_log_var = self.q_posterior(x0d, xtd, t)
-        kl = normal_kl(true_mean, true_log_var, mean, log_var)
-        nll = -discretized_gaussian_log_likelihood(x0d, mean, 0.5 * log_var.expand_as(mean))
-        is_decoder = (t == 0).reshape(-1, *([1] * (x0.ndim - 1)))
-        return torch.where(is_decoder, nll, kl).flatten(1).sum(1)
+        is_decoder = t == 0
+        terms = torch.zeros_like(x0d)
+        if is_decoder.any():  # bits_per_dim asks for all-decoder or all-KL batches: compute only what is needed
+            nll = -discretized_gaussian_log_likelihood(x0d, mean, 0.5 * log_var.expand_as(mean))
+            terms = torch.where(_bcast(is_decoder, x0d), nll, terms)
+        if not is_decoder.all():
+            true_mean, _, true_log_var = self.q_posterior(x0d, xtd, t)
+            kl = normal_kl(true_mean, true_log_var, mean, log_var)
+            terms = torch.where(_bcast(is_decoder, x0d), terms, kl)
+        return terms.flatten(1).sum(1)
 
     @torch.inference_mode()
     def bits_per_dim(
@@ -542,7 +554,7 @@ class GaussianDiffusion(nn.Module):
             raise GenbenchError("bits_per_dim expects data scaled to [-1, 1] (8-bit levels mapped by x/127.5 - 1)")
 
         def term(t: Tensor) -> Tensor:
-            noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+            noise = self._noise(x0.shape, generator, device, x0.dtype)
             return self.vlb_terms(model_fn, x0, t, noise, variance, clip_x0)
 
         decoder = term(torch.zeros(b, dtype=torch.long, device=device))
@@ -555,7 +567,7 @@ class GaussianDiffusion(nn.Module):
             starts, sizes = edges[:-1], edges[1:] - edges[:-1]
         diffusion = torch.zeros(b, dtype=torch.float64, device=device)
         for start, size in tqdm(list(zip(starts.tolist(), sizes.tolist())), desc="vlb", disable=not progress, leave=False):
-            diffusion += size * term(start + torch.randint(0, size, (b,), generator=generator, device=device))
+            diffusion += size * term(start + self._randint(size, b, generator, device))
         prior = self.prior_kl(x0)
         parts = {"prior_bpd": prior * per_dim, "diffusion_bpd": diffusion * per_dim, "decoder_bpd": decoder * per_dim}
         parts["bpd"] = parts["prior_bpd"] + parts["diffusion_bpd"] + parts["decoder_bpd"]

@@ -81,7 +81,7 @@ class FeatureTrainConfig:
 
 # Per dataset: what reaches the target accuracy (digits > 95%, fashion-mnist >= 90%) fastest.
 TRAIN_PRESETS: dict[str, FeatureTrainConfig] = {
-    "digits": FeatureTrainConfig(steps=600, batch_size=64, max_shift=1),
+    "digits": FeatureTrainConfig(steps=300, batch_size=64, max_shift=1),
     "fashion-mnist": FeatureTrainConfig(steps=2500, batch_size=128, max_shift=2),
     "mnist": FeatureTrainConfig(steps=2000, batch_size=128, max_shift=2),
 }

@@ -170,9 +170,6 @@ def train(
     model.to(device)
     data = train_images.to(device)
     stages = tuple(getattr(model, "stages", ("main",)))
-    unknown = set(cfg.stages) - set(stages)
-    if unknown:
-        raise GenbenchError(f"train config: stages {sorted(unknown)} are not stages of {model.name} {list(stages)}")
 
     torch.manual_seed(cfg.seed)
     resumed = load_checkpoint(ckpt_root)
@@ -340,6 +337,10 @@ def resolve_configs(model_name: str, dataset_name: str, shape: tuple[int, int, i
     apply_sets({"model": (cls.Config, model_d), "train": (TrainConfig, train_d)}, sets)
     model_cfg = from_dict(cls.Config, model_d, where=f"{model_name} config")
     train_cfg = from_dict(TrainConfig, train_d, where="train config")
+    stages = tuple(getattr(cls, "stages", ("main",)))
+    unknown = sorted(set(train_cfg.stages) - set(stages))
+    if unknown:
+        raise GenbenchError(f"train config: stages {unknown} are not stages of {model_name} {list(stages)}")
     return model_cfg, train_cfg
 
 

@@ -300,7 +300,7 @@ class VectorQuantizer(nn.Module):
             counts = torch.bincount(idx, minlength=cfg.codebook_size)
             if self.training:
                 self._train_step(flat.detach(), idx, counts)
-            stats = _histogram_stats(counts)
+            stats = histogram_stats(counts)
         return QuantizerOutput(
             quantized=quantized.to(in_dtype) if in_dtype in (torch.float16, torch.bfloat16) else quantized,
             indices=idx.view(z.shape[0], *z.shape[2:]),
@@ -377,8 +377,8 @@ class VectorQuantizer(nn.Module):
         return used.float().mean()
 
 
-def _histogram_stats(counts: Tensor) -> tuple[Tensor, Tensor]:
-    """(perplexity, usage) of a code histogram: exp(-sum p log p) and fraction of nonzero bins."""
+def histogram_stats(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """(perplexity, usage) of a code histogram (K,): exp(-sum p log p) and the fraction of nonzero bins."""
     p = counts.float() / counts.sum().clamp(min=1)
     entropy = -(p * torch.log(p.clamp(min=1e-12))).sum()
     return entropy.exp(), (counts > 0).float().mean()
@@ -387,7 +387,7 @@ def _histogram_stats(counts: Tensor) -> tuple[Tensor, Tensor]:
 def codebook_stats(indices: Tensor, codebook_size: int) -> dict[str, float]:
     """Perplexity and usage of the codes in `indices` (any shape): for evaluation over a dataset."""
     counts = torch.bincount(indices.reshape(-1).long(), minlength=codebook_size)
-    perplexity, usage = _histogram_stats(counts)
+    perplexity, usage = histogram_stats(counts)
     return {"perplexity": float(perplexity), "usage": float(usage), "log2_perplexity": math.log2(float(perplexity))}
 
 

@@ -91,12 +91,13 @@ class VAE(nn.Module):
 
     def posterior(self, x):
         """q(z|x): (mean, log_var), each (B, latent_dim)."""
-        mean, log_var = self.encoder(x).float().chunk(2, dim=1)
+        # back to the input precision: under bf16 autocast the likelihood math stays in fp32
+        mean, log_var = self.encoder(x).to(x.dtype).chunk(2, dim=1)
         return mean, log_var.clamp(-30.0, 20.0)
 
     def decoder_log_likelihood(self, x, z):
         """log p(x|z) summed over pixels, (B,)."""
-        out = self.decoder(z).float()
+        out = self.decoder(z).to(x.dtype)
         lik = self.config.likelihood
         if lik == "bernoulli":
             return bernoulli_log_prob(x, out)
@@ -106,7 +107,7 @@ class VAE(nn.Module):
 
     def decode(self, z):
         """The decoder's mean image in [0, 1] (what samples and reconstructions show)."""
-        out = self.decoder(z).float()
+        out = self.decoder(z).to(z.dtype)
         return torch.sigmoid(out) if self.config.likelihood == "bernoulli" else out.clamp(0, 1)
 
     def encode(self, x):
