@@ -52,6 +52,10 @@ from genbench.errors import GenbenchError
 from genbench.utils import atomic_write_bytes, default, exists
 
 CACHE_ENV_VAR = "GENBENCH_CACHE"
+# Training runs single-threaded: on a shared 2-core machine a second OpenMP thread mostly spins
+# waiting (measured 3-25x slower per step under load), and one thread keeps the float
+# reduction order, hence the trained weights, independent of the machine's core count.
+TRAIN_THREADS = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -61,12 +65,18 @@ CONFIG_FILE = "config.json"
 
 @dataclass
 class FeatureNetConfig:
-    in_channels: int
+    image_shape: tuple[int, int, int]  # (C, H, W) of the images it takes
     num_classes: int
     widths: tuple[int, ...] = (16, 32, 64)  # one conv block each, 2x2 average pooling between blocks
     groups: int = 8  # GroupNorm groups (each width must be divisible by it)
-    pool_size: int = 2  # adaptive average pooling of the last block to pool_size x pool_size
+    max_pool_size: int = 7  # the last block's map is average-pooled to at most this side, then flattened
     feature_dim: int = 128
+
+    @property
+    def pooled_size(self) -> tuple[int, int]:
+        """Side lengths of the flattened map: 8x8 -> 2x2, 28x28 -> 7x7, 64x64 -> 7x7."""
+        shrink = 2 ** (len(self.widths) - 1)
+        return tuple(min(self.max_pool_size, math.ceil(side / shrink)) for side in self.image_shape[1:])
 
 
 @dataclass
@@ -99,15 +109,15 @@ class FeatureCNN(nn.Module):
     def __init__(self, config: FeatureNetConfig):
         super().__init__()
         self.config = config
-        blocks, channels = [], config.in_channels
+        blocks, channels = [], config.image_shape[0]
         for i, width in enumerate(config.widths):
             blocks += [nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(config.groups, width), nn.ReLU()]
             if i < len(config.widths) - 1:
                 blocks.append(nn.AvgPool2d(2, ceil_mode=True))
             channels = width
         self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(config.pool_size)
-        self.to_features = nn.Linear(channels * config.pool_size**2, config.feature_dim)
+        self.pool = nn.AdaptiveAvgPool2d(config.pooled_size)  # identity for 8x8 and 28x28 images
+        self.to_features = nn.Linear(channels * math.prod(config.pooled_size), config.feature_dim)
         self.head = nn.Linear(config.feature_dim, config.num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,6 +167,15 @@ def train_feature_cnn(
     """Train a FeatureCNN on CPU with AdamW and a cosine learning-rate decay to 0, on random
     batches (with replacement across steps, without within an epoch) of shift-augmented images.
     Everything random comes from one generator seeded with ``train_config.seed``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        return _train_loop(train, train_labels, net_config, train_config, log_every)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_loop(train, train_labels, net_config, train_config, log_every) -> FeatureCNN:
     generator = torch.Generator().manual_seed(train_config.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train_config.seed)  # parameter init
@@ -182,6 +201,7 @@ def train_feature_cnn(
             print(f"feature net step {step + 1}/{train_config.steps}: loss {loss.item():.4f}", flush=True)
     model.eval()
     return model
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +284,7 @@ def default_cache_dir() -> Path:
 
 
 def _configs(dataset) -> tuple[FeatureNetConfig, FeatureTrainConfig]:
-    return FeatureNetConfig(dataset.shape[0], dataset.num_classes), default_train_config(dataset.name)
+    return FeatureNetConfig(tuple(dataset.shape), dataset.num_classes), default_train_config(dataset.name)
 
 
 def _json_ready(config) -> dict:

@@ -29,7 +29,7 @@ from . import __version__
 from .checkpoint import load_checkpoint, read_json, save_checkpoint, save_pretrained, write_json
 from .config import from_dict, merge, to_dict
 from .errors import GenbenchError
-from .utils import autocast, count_parameters, select_device
+from .utils import autocast, bf16_effective, count_parameters, select_device
 
 
 @dataclass
@@ -44,7 +44,7 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     ema_decay: float = 0.0  # 0 disables; the exported model then holds the raw weights
-    bf16: bool = False  # bf16 autocast of forward + loss (CPU and CUDA)
+    bf16: bool = False  # bf16 autocast of forward + loss: on CUDA, and on CPUs with native bf16 only
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 500
@@ -393,6 +393,7 @@ def train_run(model_name: str, dataset, run_dir: str | os.PathLike, preset: str 
     summary = train(model, dataset.train, train_cfg, run_dir, progress=progress, interrupt_at=interrupt_at)
     summary["parameters"] = count_parameters(model)
     summary["device"] = str(select_device(train_cfg.device))
+    summary["bf16_used"] = bf16_effective(select_device(train_cfg.device), train_cfg.bf16)
     model.eval()
     save_pretrained(model, run_dir / "model")
     info.update(status="complete", summary=summary)

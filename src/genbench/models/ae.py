@@ -38,12 +38,13 @@ class AEConfig:
 @register("ae")
 class AE(nn.Module):
     Config = AEConfig
+    FAMILY = {"latent": "continuous vector (deterministic encoder; Gaussian fitted after training for sampling)"}
     PRESETS = {
         "quick": {"model": {"arch": "mlp", "latent_dim": 16, "width": 256},
                   "train": {"steps": 1500, "batch_size": 128, "lr": 2e-3, "lr_schedule": "cosine", "log_every": 50}},
-        "standard": {"model": {"arch": "conv", "latent_dim": 32, "width": 32},
-                     "train": {"steps": 6000, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine",
-                               "warmup_steps": 200, "bf16": True, "log_every": 100, "ckpt_every": 1000}},
+        "standard": {"model": {"arch": "conv", "latent_dim": 32, "width": 16},
+                     "train": {"steps": 4000, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine",
+                               "warmup_steps": 200,  "log_every": 100, "ckpt_every": 1000}},
     }
 
     def __init__(self, config: AEConfig):

@@ -67,13 +67,14 @@ class VAEConfig:
 @register("vae")
 class VAE(nn.Module):
     Config = VAEConfig
+    FAMILY = {"latent": "continuous vector, Gaussian posterior q(z|x), prior N(0, I)"}
     PRESETS = {
         "quick": {"model": {"arch": "mlp", "latent_dim": 16, "width": 256},
                   "train": {"steps": 2000, "batch_size": 128, "lr": 2e-3, "lr_schedule": "cosine",
                             "warmup_steps": 100, "grad_clip": 100.0, "log_every": 50}},
-        "standard": {"model": {"arch": "conv", "latent_dim": 32, "width": 32},
-                     "train": {"steps": 8000, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine",
-                               "warmup_steps": 200, "grad_clip": 100.0, "bf16": True,
+        "standard": {"model": {"arch": "conv", "latent_dim": 32, "width": 16},
+                     "train": {"steps": 4000, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine",
+                               "warmup_steps": 200, "grad_clip": 100.0,
                                "log_every": 100, "ckpt_every": 1000}},
     }
 

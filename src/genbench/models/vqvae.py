@@ -166,8 +166,8 @@ _TRAIN_QUICK = {
     "stages": {
         # no parameter EMA in the autoencoder stage: the codebook is a buffer (copied, not averaged),
         # so averaged encoder weights would no longer match it
-        "autoencoder": {"steps": 1200, "lr": 2e-3, "warmup_steps": 50},
-        "prior": {"steps": 1500, "lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.01, "grad_clip": 1.0},
+        "autoencoder": {"steps": 800, "lr": 2e-3, "warmup_steps": 50},
+        "prior": {"steps": 1000, "lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.01, "grad_clip": 1.0},
     },
 }
 _TRAIN_STANDARD = {
@@ -186,7 +186,7 @@ class VQVAE(nn.Module):
     PRESETS = {
         # digits 8x8, f=2: 4x4 grid of 16 codes from a codebook of 64
         "quick": {
-            "model": {"downsample": 2, "width": 64, "n_res_blocks": 1, "codebook_size": 64, "code_dim": 16,
+            "model": {"downsample": 2, "width": 32, "n_res_blocks": 1, "codebook_size": 64, "code_dim": 16,
                       "dead_code_steps": 100, "prior_layers": 2, "prior_heads": 4, "prior_embd": 64,
                       "prior_dropout": 0.1},
             "train": _TRAIN_QUICK,
