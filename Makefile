@@ -14,12 +14,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 setup: $(VENV)/.installed
-	@bash scripts/setup_data.sh
+	@bash scripts/setup_system.sh data
 
 demo: setup
 	$(VENV)/bin/genbench compare --dataset digits --preset quick --out $(OUT)
 
 test: setup
+	@bash scripts/setup_system.sh chromium
 	$(PY) -m pytest -n 2 -q
 
 test-slow: setup

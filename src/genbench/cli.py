@@ -76,6 +76,9 @@ def cmd_models(args) -> int:
 
 
 def cmd_train(args) -> int:
+    """Train (or resume) a run. Under torchrun every process runs this; rank 0 alone writes the
+    run folder, the sample images and the final line (see genbench.distributed)."""
+    from . import distributed
     from .registry import get_model_class
     from .trainer import train_run
 
@@ -86,8 +89,12 @@ def cmd_train(args) -> int:
     t0 = time.perf_counter()
     train_run(args.model, ds, out, preset=args.preset, sets=args.set, resume=args.resume,
               progress=not args.no_progress, dataset_spec=spec)
+    if not distributed.is_main_process():
+        return 0
     write_run_images(out, seed=args.seed)
-    print(f"trained {args.model} on {args.dataset} in {time.perf_counter() - t0:.1f}s -> {out}")
+    world = distributed.world_size()
+    on = f" with {world} processes" if world > 1 else ""
+    print(f"trained {args.model} on {args.dataset}{on} in {time.perf_counter() - t0:.1f}s -> {out}")
     return 0
 
 

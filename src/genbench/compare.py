@@ -59,14 +59,15 @@ def cmd_features_train(args) -> int:
     return 0
 
 
-def _parse_model_sets(sets: list[str], models: list[str]) -> dict[str, list[str]]:
-    per_model: dict[str, list[str]] = {m: [] for m in models}
+def _parse_model_sets(sets: list[str], models: list[str], known: list[str]) -> dict[str, list[str]]:
+    """MODEL:KEY=VALUE items per model; items for known models not being compared are ignored."""
+    per_model: dict[str, list[str]] = {m: [] for m in known}
     for item in sets:
         name, sep, rest = item.partition(":")
         if not sep or name not in per_model:
-            raise GenbenchError(f"--set {item!r}: expected MODEL:KEY=VALUE with MODEL one of {models}")
+            raise GenbenchError(f"--set {item!r}: expected MODEL:KEY=VALUE with MODEL one of {known}")
         per_model[name].append(rest)
-    return per_model
+    return {m: per_model[m] for m in models}
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -81,7 +82,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         get_model_class(m)  # unknown model: fail before any work
     if len(set(models)) != len(models):
         raise GenbenchError(f"--models lists a model twice: {models}")
-    per_model_sets = _parse_model_sets(args.set, models)
+    per_model_sets = _parse_model_sets(args.set, models, available_models())
     num_samples = args.num_samples or (5000 if args.preset == "standard" else 1000)
     if num_samples < 2:
         raise GenbenchError(f"--num-samples must be >= 2, got {num_samples}")

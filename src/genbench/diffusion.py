@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from genbench.errors import GenbenchError
@@ -95,19 +95,18 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
 
 
-def _extract(coef: Tensor, t: Tensor, x: Tensor) -> Tensor:
-    """coef[t] cast to x's dtype, shaped (B, 1, 1, ...) to broadcast against x of shape (B, ...)."""
-    return coef.to(t.device)[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-
-
 # --------------------------------------------------------------------------------------------
 # the process
 
 
-class GaussianDiffusion(nn.Module):
+class GaussianDiffusion:
     """Precomputed DDPM coefficients and everything that uses them.
 
-    Buffers (float64, length T, 0-based t; see module docstring):
+    A plain object, not an nn.Module: the tables are derived from the config, so they belong in no
+    state_dict or checkpoint. They live on the CPU in float64 (attributes below) and are copied once per
+    device on first use there (``tables``); each use casts them to the dtype of the tensor at hand.
+
+    Tables (float64, length T, 0-based t; see module docstring):
       betas, alphas, alphas_cumprod (alpha_bar_t), alphas_cumprod_prev (alpha_bar_{t-1}, = 1 at t=0),
       sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, log_one_minus_alphas_cumprod,
       sqrt_recip_alphas_cumprod (1/sqrt(alpha_bar)), sqrt_recipm1_alphas_cumprod (sqrt(1/alpha_bar - 1)),
@@ -118,7 +117,6 @@ class GaussianDiffusion(nn.Module):
     """
 
     def __init__(self, config: DiffusionConfig | None = None):
-        super().__init__()
         config = config if config is not None else DiffusionConfig()
         config.validate()
         self.config = config
@@ -152,8 +150,23 @@ class GaussianDiffusion(nn.Module):
             posterior_mean_coef2=alphas.sqrt() * (1.0 - ac_prev) / (1.0 - ac),
             snr=ac / (1.0 - ac),
         )
+        self._names = tuple(buffers)
         for name, value in buffers.items():
-            self.register_buffer(name, value, persistent=False)
+            setattr(self, name, value)
+        self._tables: dict[torch.device, dict[str, Tensor]] = {torch.device("cpu"): buffers}
+
+    def tables(self, device: torch.device | str) -> dict[str, Tensor]:
+        """All coefficient tables on ``device`` (float64), copied there once."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._tables:
+            self._tables[device] = {k: v.to(device) for k, v in self._tables[torch.device("cpu")].items()}
+        return self._tables[device]
+
+    def _at(self, name: str, t: Tensor, x: Tensor) -> Tensor:
+        """table[t] in x's dtype, shaped (B, 1, 1, ...) to broadcast against x of shape (B, ...)."""
+        return self.tables(t.device)[name][t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
     @property
     def num_timesteps(self) -> int:
@@ -164,39 +177,27 @@ class GaussianDiffusion(nn.Module):
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps  (Ho et al. eq. 4, reparameterized)."""
         noise = torch.randn_like(x0) if noise is None else noise
-        return _extract(self.sqrt_alphas_cumprod, t, x0) * x0 + _extract(
-            self.sqrt_one_minus_alphas_cumprod, t, x0
-        ) * noise
+        return self._at("sqrt_alphas_cumprod", t, x0) * x0 + self._at("sqrt_one_minus_alphas_cumprod", t, x0) * noise
 
     def predict_x0_from_eps(self, xt: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) = x_t/sqrt(abar) - sqrt(1/abar - 1) eps."""
-        return _extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - _extract(
-            self.sqrt_recipm1_alphas_cumprod, t, xt
-        ) * eps
+        return self._at("sqrt_recip_alphas_cumprod", t, xt) * xt - self._at("sqrt_recipm1_alphas_cumprod", t, xt) * eps
 
     def predict_eps_from_x0(self, xt: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """eps = (x_t / sqrt(abar) - x0) / sqrt(1/abar - 1), the inverse of predict_x0_from_eps."""
-        return (_extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - x0) / _extract(
-            self.sqrt_recipm1_alphas_cumprod, t, xt
-        )
+        return (self._at("sqrt_recip_alphas_cumprod", t, xt) * xt - x0) / self._at("sqrt_recipm1_alphas_cumprod", t, xt)
 
     def v_target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """v = sqrt(abar) eps - sqrt(1 - abar) x0  (Salimans & Ho 2022, sec. 4)."""
-        return _extract(self.sqrt_alphas_cumprod, t, x0) * noise - _extract(
-            self.sqrt_one_minus_alphas_cumprod, t, x0
-        ) * x0
+        return self._at("sqrt_alphas_cumprod", t, x0) * noise - self._at("sqrt_one_minus_alphas_cumprod", t, x0) * x0
 
     def predict_x0_from_v(self, xt: Tensor, t: Tensor, v: Tensor) -> Tensor:
         """x0 = sqrt(abar) x_t - sqrt(1 - abar) v  (Salimans & Ho 2022, from the rotation (x_t, v) of (x0, eps))."""
-        return _extract(self.sqrt_alphas_cumprod, t, xt) * xt - _extract(
-            self.sqrt_one_minus_alphas_cumprod, t, xt
-        ) * v
+        return self._at("sqrt_alphas_cumprod", t, xt) * xt - self._at("sqrt_one_minus_alphas_cumprod", t, xt) * v
 
     def predict_eps_from_v(self, xt: Tensor, t: Tensor, v: Tensor) -> Tensor:
         """eps = sqrt(1 - abar) x_t + sqrt(abar) v  (Salimans & Ho 2022)."""
-        return _extract(self.sqrt_one_minus_alphas_cumprod, t, xt) * xt + _extract(
-            self.sqrt_alphas_cumprod, t, xt
-        ) * v
+        return self._at("sqrt_one_minus_alphas_cumprod", t, xt) * xt + self._at("sqrt_alphas_cumprod", t, xt) * v
 
     def predict_x0(self, model_out: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """x0 estimate from a network output of the configured prediction type."""
@@ -224,7 +225,7 @@ class GaussianDiffusion(nn.Module):
         ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2) the weight is
         min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0, min(SNR, gamma) / (SNR + 1) for v.
         """
-        snr = self.snr.to(t.device)[t]
+        snr = self.tables(t.device)["snr"][t]
         gamma = self.config.min_snr_gamma
         clipped = snr.clamp(max=gamma)
         kind = self.config.prediction
@@ -262,8 +263,8 @@ class GaussianDiffusion(nn.Module):
         mu~ = coef1 * x0 + coef2 * x_t. Returns (mean, variance, clipped log-variance), the last two
         broadcastable to x_t.
         """
-        mean = _extract(self.posterior_mean_coef1, t, xt) * x0 + _extract(self.posterior_mean_coef2, t, xt) * xt
-        return mean, _extract(self.posterior_variance, t, xt), _extract(self.posterior_log_variance_clipped, t, xt)
+        mean = self._at("posterior_mean_coef1", t, xt) * x0 + self._at("posterior_mean_coef2", t, xt) * xt
+        return mean, self._at("posterior_variance", t, xt), self._at("posterior_log_variance_clipped", t, xt)
 
     def p_mean_variance(
         self,
@@ -287,7 +288,7 @@ class GaussianDiffusion(nn.Module):
         if variance == "beta_tilde":
             return mean, post_var, post_log_var, x0_hat
         if variance == "beta":
-            var = _extract(self.betas, t, xt)
+            var = self._at("betas", t, xt)
             return mean, var, var.log(), x0_hat
         raise GenbenchError(f"reverse variance must be 'beta' or 'beta_tilde', got {variance!r}")
 
@@ -317,20 +318,21 @@ class GaussianDiffusion(nn.Module):
         progress: bool = True,
         dtype: torch.dtype = torch.float32,
         x_T: Tensor | None = None,
+        device: torch.device | str | None = None,
     ) -> Tensor:
         """Ancestral sampling, Ho et al. 2020 Algorithm 2, over all T steps.
 
         x_T ~ N(0, I); for t = T..1: x_{t-1} = mu~(x_t, x0_hat) + sigma_t z, z ~ N(0, I), no noise at
-        the last step. Runs on the buffers' device; noise comes from ``generator`` (global RNG if None);
-        ``x_T`` fixes the starting noise.
+        the last step. Noise comes from ``generator`` (global RNG if None); ``x_T`` fixes the starting
+        noise. Runs on ``device``, by default x_T's, else the generator's, else the CPU.
         """
         if variance not in ("beta", "beta_tilde"):
             raise GenbenchError(f"reverse variance must be 'beta' or 'beta_tilde', got {variance!r}")
-        device = self.betas.device
+        device = _sample_device(device, generator, x_T)
         x = self._noise(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
         T = self.num_timesteps
         # per-step scalars cast once; the loop only indexes them
-        c = {k: getattr(self, k).to(device, dtype) for k in self._coef_names()}
+        c = {k: v.to(dtype) for k, v in self.tables(device).items()}
         sigma = (c["posterior_variance"] if variance == "beta_tilde" else c["betas"]).sqrt()
         ts = torch.arange(T, device=device).view(T, 1).expand(T, shape[0])
         for i in tqdm(range(T - 1, -1, -1), desc="ddpm", disable=not progress, leave=False):
@@ -356,6 +358,7 @@ class GaussianDiffusion(nn.Module):
         spacing: Literal["trailing", "leading"] = "trailing",
         dtype: torch.dtype = torch.float32,
         x_T: Tensor | None = None,
+        device: torch.device | str | None = None,
     ) -> Tensor:
         """DDIM sampling over a subsequence tau of the T steps (Song et al. 2021, eq. 12).
 
@@ -376,17 +379,17 @@ class GaussianDiffusion(nn.Module):
             raise GenbenchError(f"DDIM steps must be in [1, num_timesteps={T}], got {steps}")
         if eta < 0:
             raise GenbenchError(f"DDIM eta must be >= 0, got {eta}")
-        device = self.betas.device
+        device = _sample_device(device, generator, x_T)
         tau = ddim_timesteps(T, steps, spacing).to(device)
         x = self._noise(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
-        ac = self.alphas_cumprod.to(device)
+        ac = self.tables(device)["alphas_cumprod"]
         a_t = ac[tau]
         a_prev = torch.cat([ac[tau[1:]], ac.new_ones(1)])
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         # cast once: coefficient of x0_hat, of eps_hat, noise scale, and the x0/eps conversions at tau
         c_x0, c_eps = a_prev.sqrt().to(dtype), (1 - a_prev - sigma**2).clamp_min(0).sqrt().to(dtype)
         sigma = sigma.to(dtype)
-        c = {k: getattr(self, k).to(device)[tau].to(dtype) for k in self._coef_names()}
+        c = {k: v[tau].to(dtype) for k, v in self.tables(device).items()}
         ts = tau.view(steps, 1).expand(steps, shape[0])
         for i in tqdm(range(steps), desc="ddim", disable=not progress, leave=False):
             out = model_fn(x, ts[i])
@@ -400,19 +403,6 @@ class GaussianDiffusion(nn.Module):
             if eta > 0 and i < steps - 1:
                 x = x + sigma[i] * self._noise(shape, generator, device, dtype)
         return x
-
-    @staticmethod
-    def _coef_names() -> tuple[str, ...]:
-        return (
-            "betas",
-            "posterior_variance",
-            "posterior_mean_coef1",
-            "posterior_mean_coef2",
-            "sqrt_alphas_cumprod",
-            "sqrt_one_minus_alphas_cumprod",
-            "sqrt_recip_alphas_cumprod",
-            "sqrt_recipm1_alphas_cumprod",
-        )
 
     def _x0_from_out(self, out: Tensor, x: Tensor, c: dict[str, Tensor], i: int) -> Tensor:
         """predict_x0 with per-step scalars already indexed from the sampler's cast coefficient table."""
@@ -438,8 +428,8 @@ class GaussianDiffusion(nn.Module):
         """L_T = KL(q(x_T | x0) || N(0, I)) summed over non-batch dims, nats, float64, shape (B,)."""
         x0 = x0.double()
         t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
-        return kl_to_standard_normal(_extract(self.sqrt_alphas_cumprod, t, x0) * x0,
-                                     _extract(self.log_one_minus_alphas_cumprod, t, x0))
+        return kl_to_standard_normal(self._at("sqrt_alphas_cumprod", t, x0) * x0,
+                                     self._at("log_one_minus_alphas_cumprod", t, x0))
 
     def vlb_terms(
         self,
@@ -533,6 +523,14 @@ class GaussianDiffusion(nn.Module):
         parts = {"prior_bpd": prior * per_dim, "diffusion_bpd": diffusion * per_dim, "decoder_bpd": decoder * per_dim}
         parts["bpd"] = parts["prior_bpd"] + parts["diffusion_bpd"] + parts["decoder_bpd"]
         return parts
+
+
+def _sample_device(device, generator: torch.Generator | None, x_T: Tensor | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if x_T is not None:
+        return x_T.device
+    return generator.device if generator is not None else torch.device("cpu")
 
 
 def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> Tensor:

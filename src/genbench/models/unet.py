@@ -6,9 +6,10 @@
   4 * base_channels, fed to every residual block;
 * residual blocks: GroupNorm-SiLU-Conv3x3, time conditioning, GroupNorm-SiLU-Dropout-Conv3x3, plus a
   1x1 skip when the width changes. Time conditioning is either "scale_shift" (adaptive GroupNorm,
-  h = GN(h) * (1 + s(t)) + b(t); Nichol & Dhariwal sec. 3 / Dhariwal & Nichol 2021) or "additive"
-  (h = h + b(t) before the second norm; Ho et al.). GroupNorm uses min(32, ch) groups or the largest
-  divisor of ch below that;
+  h = GN(h) * (1 + s(t)) + b(t); Dhariwal & Nichol 2021, sec. 3) or "additive" (h = GN(h) + b(t);
+  Ho et al. add b(t) just before that norm, but with one channel per group, as min(32, ch) groups give
+  for ch <= 32, GroupNorm would erase it). GroupNorm uses min(32, ch) groups or the largest divisor of
+  ch below that;
 * self-attention (multi-head, torch's scaled_dot_product_attention) after the residual blocks of the
   chosen levels and in the middle; the last conv of every residual branch and attention projection is
   zero-initialised, so each block starts as the identity;
@@ -130,7 +131,7 @@ class ResBlock(nn.Module):
             scale, shift = e.chunk(2, dim=1)
             h = self.out_norm(h) * (1 + scale) + shift
         else:
-            h = self.out_norm(h + e)
+            h = self.out_norm(h) + e
         return self.skip(x) + self.out_layers(h)
 
 

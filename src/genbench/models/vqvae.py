@@ -49,7 +49,7 @@ class VQVAEConfig:
     image_channels: int = 1
     image_size: int = 8
     downsample: int = 2  # f: the code grid is (S/f) x (S/f); a power of 2 (1 = no downsampling)
-    width: int = 64  # conv channels
+    width: int = 64  # conv channels at the code grid; halved per 2x finer level (min 8)
     n_res_blocks: int = 2
     # quantizer (genbench.models.quantizer.QuantizerConfig)
     codebook_size: int = 512
@@ -127,16 +127,24 @@ class ResBlock(nn.Module):
         return x + self.net(x)
 
 
+def level_widths(width: int, downsample: int) -> list[int]:
+    """Channels per resolution level, finest first: `width` at the code grid, halved at each 2x
+    finer level (the full-resolution convs dominate the cost, so they are the narrow ones)."""
+    levels = int(math.log2(downsample))
+    return [max(width >> (levels - i), 8) for i in range(levels + 1)]
+
+
 class Encoder(nn.Module):
     """(B, C, S, S) -> (B, code_dim, S/f, S/f): conv3x3, log2(f) x [ReLU, conv4x4 stride 2], res blocks, conv1x1."""
 
     def __init__(self, in_channels: int, width: int, code_dim: int, downsample: int, n_res_blocks: int):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1)]
-        for _ in range(int(math.log2(downsample))):
-            layers += [nn.ReLU(), nn.Conv2d(width, width, 4, stride=2, padding=1)]
-        layers += [ResBlock(width) for _ in range(n_res_blocks)]
-        layers += [nn.ReLU(), nn.Conv2d(width, code_dim, 1)]
+        ch = level_widths(width, downsample)
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, ch[0], 3, padding=1)]
+        for c_in, c_out in zip(ch, ch[1:]):
+            layers += [nn.ReLU(), nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)]
+        layers += [ResBlock(ch[-1]) for _ in range(n_res_blocks)]
+        layers += [nn.ReLU(), nn.Conv2d(ch[-1], code_dim, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -148,11 +156,12 @@ class Decoder(nn.Module):
 
     def __init__(self, code_dim: int, width: int, out_channels: int, downsample: int, n_res_blocks: int):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(code_dim, width, 3, padding=1)]
-        layers += [ResBlock(width) for _ in range(n_res_blocks)]
-        for _ in range(int(math.log2(downsample))):
-            layers += [nn.ReLU(), nn.ConvTranspose2d(width, width, 4, stride=2, padding=1)]
-        layers += [nn.ReLU(), nn.Conv2d(width, out_channels, 3, padding=1)]
+        ch = level_widths(width, downsample)[::-1]
+        layers: list[nn.Module] = [nn.Conv2d(code_dim, ch[0], 3, padding=1)]
+        layers += [ResBlock(ch[0]) for _ in range(n_res_blocks)]
+        for c_in, c_out in zip(ch, ch[1:]):
+            layers += [nn.ReLU(), nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
+        layers += [nn.ReLU(), nn.Conv2d(ch[-1], out_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:

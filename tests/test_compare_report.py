@@ -1,0 +1,115 @@
+"""`genbench compare` end to end on a tiny budget, and the HTML report checked in headless Chromium."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from genbench.cli import main
+from genbench.report import best_per_column
+
+TINY = ["--set", "ae:arch=mlp", "--set", "ae:train.steps=30", "--set", "vae:arch=mlp", "--set", "vae:train.steps=30",
+        "--set", "vae:iwae_samples=5", "--num-samples", "300", "--eval-limit", "100", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def compare_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    os.environ.setdefault("GENBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    assert main(["compare", "--dataset", "digits", "--models", "ae,vae", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_compare_writes_all_outputs(compare_dir):
+    for name in ("report.html", "report.md", "metrics.json", "ae/run.json", "vae/model/model.safetensors"):
+        assert (compare_dir / name).exists(), name
+    m = json.loads((compare_dir / "metrics.json").read_text())
+    names = [r["name"] for r in m["rows"]]
+    assert names == ["train set (floor)", "uniform noise (ceiling)", "ae", "vae"]
+    rows = {r["name"]: r for r in m["rows"]}
+    # the protocol orders the references: real data beats noise on every sample metric
+    assert rows["train set (floor)"]["fd"] < rows["uniform noise (ceiling)"]["fd"]
+    assert rows["train set (floor)"]["coverage"] > rows["uniform noise (ceiling)"]["coverage"]
+    # AE likelihood is undefined, shown as such (null, never 0); the VAE has a bound
+    assert rows["ae"]["bits_per_dim"] is None and "undefined" in rows["ae"]["bpd_estimator"]
+    assert rows["vae"]["bits_per_dim"] > 0 and "IWAE" in rows["vae"]["bpd_estimator"]
+    assert rows["vae"]["sample_ms_per_image"] > 0 and rows["vae"]["parameters"] > 0
+    assert rows["vae"]["network_calls_per_sample"] == {"decoder": 1}
+
+
+def test_compare_rejects_unknown_model_before_work(tmp_path, capsys):
+    assert main(["compare", "--dataset", "digits", "--models", "ae,gan9000", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown model 'gan9000'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_best_value_marking():
+    rows = [{"name": "ref", "kind": "reference", "fd": 0.1},
+            {"name": "a", "kind": "model", "fd": 3.0, "psnr": 20.0},
+            {"name": "b", "kind": "model", "fd": 2.0, "psnr": None}]
+    best = best_per_column(rows)
+    assert best["fd"] == {2}  # the reference row never wins
+    assert best["psnr"] == {1}
+
+
+def test_report_md_table_has_row_per_model(compare_dir):
+    md = (compare_dir / "report.md").read_text()
+    assert re.search(r"^\| ae \|", md, re.M) and re.search(r"^\| vae \|", md, re.M)
+
+
+CHECK_JS = """
+<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message || e.type)), true);
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
+  const rows = [...document.querySelectorAll('#metrics tbody tr.model')].map(r => r.dataset.model);
+  const out = document.createElement('pre');
+  out.id = 'check';
+  out.textContent = JSON.stringify({images: imgs.length, bad, rows, errors: window.__errors});
+  document.body.appendChild(out);
+});
+</script>
+"""
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Chromium not installed (make test installs Debian's chromium)")
+def test_report_in_headless_chromium(compare_dir, tmp_path):
+    html = (compare_dir / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html  # self-contained, readable offline
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace("</head>", CHECK_JS + "</head>", 1))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([_chromium(), *flags, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    m = re.search(r'<pre id="check">(.*?)</pre>', dom, re.S)
+    assert m, f"the check script did not run; DOM head: {dom[:300]!r}"
+    result = json.loads(m.group(1).replace("&quot;", '"'))
+    assert result["errors"] == []
+    assert result["bad"] == [] and result["images"] >= 6  # samples/recons/interps x2 + curves + cost
+    assert result["rows"] == ["ae", "vae"]
+    shot = tmp_path / "report.png"
+    subprocess.run([_chromium(), *flags, "--window-size=1400,2000", f"--screenshot={shot}",
+                    (compare_dir / "report.html").as_uri()], capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000
+
+
+# last: it rewrites the report of the shared folder with one model
+def test_compare_reuses_finished_runs(compare_dir, capsys):
+    before = (compare_dir / "vae" / "model" / "model.safetensors").read_bytes()
+    assert main(["compare", "--dataset", "digits", "--models", "vae", "--out", str(compare_dir), *TINY]) == 0
+    assert (compare_dir / "vae" / "model" / "model.safetensors").read_bytes() == before
