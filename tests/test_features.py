@@ -57,12 +57,21 @@ def test_features_shape_and_batching(trained, digits):
     assert net.features(x[:0]).shape == (0, 128)
 
 
+def test_features_are_standardized_on_the_train_set(trained, digits):
+    net, _ = trained
+    f = net.features(digits.train).astype(np.float64)  # 1437 images: all of them fixed the statistics
+    np.testing.assert_allclose(f.mean(0), 0.0, atol=1e-4)
+    assert f.var(0, ddof=1).mean() == pytest.approx(1.0, rel=1e-4)
+    raw = net.model.raw_features(digits.train[:5]).detach().numpy()
+    np.testing.assert_allclose(f[:5] * float(net.model.feature_scale) + net.model.feature_mean.numpy(), raw, atol=1e-4)
+
+
 def test_cache_round_trip(trained, digits, monkeypatch):
     net, cache = trained
     directory = cache / f"digits-{dataset_hash(digits)[:16]}"
     assert net.directory == directory
     config = json.loads((directory / "config.json").read_text())
-    assert config["test_accuracy"] == net.test_accuracy
+    assert config["test_accuracy"] == net.test_accuracy and config["train_cpu_seconds"] > 0
     assert config["data_hash"] == dataset_hash(digits)
     assert config["weights_sha256"] == hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
     assert not list(directory.glob(".*tmp*"))  # atomic writes left no temp files
@@ -90,12 +99,24 @@ def test_corrupt_weights_are_detected_and_retrained(digits, tmp_path, tiny_prese
     assert config["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
-def test_changed_training_settings_retrain(digits, tmp_path, tiny_preset, monkeypatch):
+def test_changed_training_settings_or_version_retrain(digits, tmp_path, tiny_preset, monkeypatch):
     get_feature_network(digits, cache_dir=tmp_path)
     monkeypatch.setitem(features.TRAIN_PRESETS, "digits", FeatureTrainConfig(steps=6, batch_size=32, max_shift=1))
     with pytest.warns(UserWarning, match="different network/training settings"):
         net = get_feature_network(digits, cache_dir=tmp_path)
     assert net.meta["train_config"]["steps"] == 6
+    monkeypatch.setattr(features, "VERSION", features.VERSION + 1)
+    with pytest.warns(UserWarning, match="different network/training settings"):
+        get_feature_network(digits, cache_dir=tmp_path)
+    assert json.loads((net.directory / "config.json").read_text())["version"] == features.VERSION
+
+
+def test_unreadable_config_retrains(digits, tmp_path, tiny_preset):
+    net = get_feature_network(digits, cache_dir=tmp_path)
+    (net.directory / "config.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="retraining"):
+        again = get_feature_network(digits, cache_dir=tmp_path)
+    np.testing.assert_array_equal(again.features(digits.test), net.features(digits.test))
 
 
 def test_data_hash_sees_every_pixel(digits):
@@ -113,7 +134,7 @@ def test_input_checks(trained):
     with pytest.raises(GenbenchError, match=r"takes \(N, 1, 8, 8\) images, got shape \(1, 8, 8\)"):
         net.predict(torch.rand(1, 8, 8))
     with pytest.raises(GenbenchError, match=r"must lie in \[0, 1\], found range \[-1"):
-        net.features(torch.rand(2, 1, 8, 8) * 2 - 1)
+        net.features(torch.linspace(-1, 1, 128).reshape(2, 1, 8, 8))
     with pytest.raises(GenbenchError, match="expected a tensor or numpy array"):
         net.features([[0.0]])
 

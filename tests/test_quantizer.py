@@ -10,6 +10,7 @@ from genbench.models.quantizer import (
     VectorQuantizer,
     codebook_stats,
     kmeans_plus_plus,
+    lloyd,
     nearest_code,
     squared_distances,
 )
@@ -94,7 +95,8 @@ def test_straight_through_passes_decoder_gradient_to_encoder():
 
 def test_gradient_mode_codebook_gets_codebook_loss_only():
     """Closed forms, with M = N*D elements in the mean:
-    d/de_k [mean (sg z - e)^2] = sum_{i->k} 2 (e_k - z_i) / M;  d/dz_i [beta mean (z - sg e)^2] = 2 beta (z_i - e_i) / M.
+    d/de_k [mean (sg z - e)^2] = sum_{i->k} 2 (e_k - z_i) / M;
+    d/dz_i [beta mean (z - sg e)^2] = 2 beta (z_i - e_i) / M.
     """
     torch.manual_seed(5)
     beta = 0.3
@@ -161,6 +163,17 @@ def test_kmeans_plus_plus_seeds_one_code_per_separated_cluster():
     assert sorted(nearest_centre.tolist()) == list(range(8))
     again = kmeans_plus_plus(x, 8, torch.Generator().manual_seed(0))
     assert torch.equal(seeds, again)  # the generator makes it reproducible
+
+
+def test_lloyd_matches_sklearn_kmeans_from_same_seeds():
+    from sklearn.cluster import KMeans
+
+    x, _ = gaussian_mixture(6, 3, 600, spread=2.0, std=0.8, seed=12)  # overlapping: Lloyd has work to do
+    seeds = kmeans_plus_plus(x, 6, torch.Generator().manual_seed(1))
+    ours = lloyd(x.double(), seeds.double(), iters=5)
+    ref = KMeans(6, init=seeds.double().numpy(), n_init=1, max_iter=5, tol=0.0, algorithm="lloyd")
+    ref.fit(x.double().numpy())
+    torch.testing.assert_close(ours, torch.from_numpy(ref.cluster_centers_), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("init", ["kmeans++", "random"])

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from genbench.errors import GenbenchError
+from genbench.utils import default, exists
 
 DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "mnist", "folder")
 
@@ -64,14 +65,6 @@ GZIP_MAGIC = b"\x1f\x8b"
 # Pillow modes that hold one grey channel; a folder made only of these loads as C=1.
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N"})
 WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})  # 16-bit PNGs open as these
-
-
-def exists(x) -> bool:
-    return x is not None
-
-
-def default(x, d):
-    return x if exists(x) else d
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ Conventions
 * The network predicts one of (``DiffusionConfig.prediction``)
   ``eps`` (Ho et al.), ``x0``, or ``v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0``
   (Salimans & Ho 2022, sec. 4).
-* Coefficients are computed once in float64 and stored as non-persistent buffers: they are
-  derived from the config, so they follow ``.to(device)`` but never enter a checkpoint.
-  Per-call they are cast to the dtype of the tensor they multiply.
+* Coefficients are computed once in float64 from the config (so they never enter a checkpoint),
+  copied once to each device they are used on, and cast per call to the dtype of the tensor they
+  multiply.
 """
 from __future__ import annotations
 
@@ -150,7 +150,6 @@ class GaussianDiffusion:
             posterior_mean_coef2=alphas.sqrt() * (1.0 - ac_prev) / (1.0 - ac),
             snr=ac / (1.0 - ac),
         )
-        self._names = tuple(buffers)
         for name, value in buffers.items():
             setattr(self, name, value)
         self._tables: dict[torch.device, dict[str, Tensor]] = {torch.device("cpu"): buffers}
@@ -292,13 +291,13 @@ class GaussianDiffusion:
             return mean, var, var.log(), x0_hat
         raise GenbenchError(f"reverse variance must be 'beta' or 'beta_tilde', got {variance!r}")
 
+    # --- random draws --------------------------------------------------------------------
+
     @staticmethod
     def _randint(high: int, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
         """n integers uniform on {0..high-1}, drawn on the generator's device, moved to ``device``."""
         gen_device = generator.device if generator is not None else device
         return torch.randint(0, high, (n,), generator=generator, device=gen_device).to(device)
-
-    # --- samplers ---------------------------------------------------------------------------
 
     @staticmethod
     def _noise(shape, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -306,6 +305,8 @@ class GaussianDiffusion:
         device the model is on), then moved to ``device``."""
         gen_device = generator.device if generator is not None else device
         return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+    # --- samplers ---------------------------------------------------------------------------
 
     @torch.inference_mode()
     def ddpm_sample(
@@ -517,7 +518,8 @@ class GaussianDiffusion:
             edges = torch.div(torch.arange(num_timesteps + 1) * (T - 1), num_timesteps, rounding_mode="floor") + 1
             starts, sizes = edges[:-1], edges[1:] - edges[:-1]
         diffusion = torch.zeros(b, dtype=torch.float64, device=device)
-        for start, size in tqdm(list(zip(starts.tolist(), sizes.tolist())), desc="vlb", disable=not progress, leave=False):
+        strata = list(zip(starts.tolist(), sizes.tolist()))
+        for start, size in tqdm(strata, desc="vlb", disable=not progress, leave=False):
             diffusion += size * term(start + self._randint(size, b, generator, device))
         prior = self.prior_kl(x0)
         parts = {"prior_bpd": prior * per_dim, "diffusion_bpd": diffusion * per_dim, "decoder_bpd": decoder * per_dim}

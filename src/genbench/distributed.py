@@ -20,7 +20,7 @@ gradients. Averaging each group's gradients right after its own backward,
     g  <-  (1/W) sum_r g_r,
 
 in one all-reduce per dtype over a flattened buffer, is what DDP computes (Li et al. 2020, "PyTorch
-Distributed", sec. 3.1) minus the overlap of communication with backward, which is worth nothing at
+Distributed: Experiences on Accelerating Data Parallel Training") minus the overlap of communication with backward, which is worth nothing at
 these model sizes. Because every rank then holds the same averaged gradient and runs the same
 optimizer step, parameters stay bit-identical across ranks without being re-broadcast.
 
@@ -29,7 +29,7 @@ own batch, would drift apart across ranks. `broadcast_buffers_` copies rank 0's 
 rank after each optimizer step, the same rule DDP applies by default (`broadcast_buffers=True`):
 statistics kept in buffers follow rank 0's shard of the batch (an EMA over 1/W of the data per step,
 unbiased but noisier). A model wanting statistics over the whole global batch must all-reduce them
-itself inside `loss` (see `all_reduce_mean`), as SyncBatchNorm does.
+itself inside `loss` (torch.distributed.all_reduce when `world_size() > 1`), as SyncBatchNorm does.
 
 Only rank 0 touches the run folder: it reads run.json and checkpoints and shares them
 (`share_json`, `share_tensors`), and it alone writes logs, checkpoints and the exported model.
@@ -259,7 +259,8 @@ def _from_bytes_(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
     with torch.no_grad():
         for t in tensors:
             n = t.numel() * t.element_size()
-            t.copy_(flat[offset: offset + n].view(t.dtype).view(t.shape))
+            # clone: a fresh, aligned storage (a byte offset may not be a multiple of the element size)
+            t.copy_(flat[offset: offset + n].clone().view(t.dtype).view(t.shape))
             offset += n
 
 
@@ -340,11 +341,13 @@ def on_main(fn: Callable[[], T], what: str, share: bool = False) -> T | None:
     if is_main_process():
         try:
             result = fn()
+            status = {"error": None, "result": result if share else None}
+            json.dumps(status)  # must be sendable before the others are told to wait for it
         except Exception as e:
             message = str(e) if isinstance(e, GenbenchError) else f"{type(e).__name__}: {e}"
             share_json({"error": message})
             raise
-        share_json({"error": None, "result": result if share else None})
+        share_json(status)
         return result
     status = share_json()
     if status["error"] is not None:

@@ -133,7 +133,8 @@ class EMA:
         shadows = [self.shadow[k] for k in self._params]
         torch._foreach_lerp_(shadows, params, 1.0 - self.decay)
         for k, b in model.named_buffers():
-            self.shadow[k].copy_(b)
+            if k in self.shadow:  # non-persistent buffers (precomputed tables) are not state
+                self.shadow[k].copy_(b)
 
     def copy_to(self, model: torch.nn.Module) -> None:
         model.load_state_dict(self.shadow)
@@ -194,7 +195,12 @@ def _same_kind(stored, fresh) -> bool:
     if isinstance(fresh, bool) or fresh is None:
         return type(stored) is type(fresh)
     if isinstance(fresh, (int, float)):
-        return isinstance(stored, (int, float)) and not isinstance(stored, bool) and math.isfinite(stored)
+        if isinstance(stored, bool) or not isinstance(stored, (int, float)):
+            return False
+        try:
+            return math.isfinite(float(stored))
+        except OverflowError:  # an int beyond float range
+            return False
     if isinstance(fresh, (tuple, list)):
         return isinstance(stored, list) and len(stored) == len(fresh) and all(map(_same_kind, stored, fresh))
     return type(stored) is type(fresh)
@@ -251,7 +257,7 @@ def _read_checkpoint(ckpt_root: Path, cfg: TrainConfig, stages: tuple[str, ...])
     if not pointer.exists():
         return None
     name = _require(read_json(pointer), pointer, checkpoint=str)["checkpoint"]
-    if "/" in name or "\\" in name or name.startswith(".") or not name:
+    if not re.fullmatch(r"[\w-]+", name, flags=re.ASCII):  # a folder name, never a path
         raise GenbenchError(f"{pointer}: invalid checkpoint name {name!r}")
     where = ckpt_root / name / "state.json"
     meta = _require(read_json(where), where, format_version=int, stage=str, step=int, optimizers=dict,
@@ -364,7 +370,6 @@ def train(
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
     world = distributed.init()
-    main = distributed.is_main_process()
     device = distributed.select_device(cfg.device)
     stages = tuple(getattr(model, "stages", ("main",)))
     check_world(cfg, stages, train_images.shape[0], world.world_size)
@@ -373,27 +378,33 @@ def train(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def read_and_prepare():  # rank 0 alone reads the checkpoint and trims the log
+    log_file = None
+
+    def read_and_prepare():  # rank 0 alone reads the checkpoint and writes the log
+        nonlocal log_file
         found = _read_checkpoint(ckpt_root, cfg, stages)
         _check_free_space(run_dir, model, cfg, stages)
         done = 0
         if found:
             si = stages.index(found[1]["stage"])
             done = sum(cfg.for_stage(s).steps for s in stages[:si]) + found[1]["step"]
-        _trim_log(run_dir / "log.jsonl", done)
+        try:
+            _trim_log(run_dir / "log.jsonl", done)
+            log_file = open(run_dir / "log.jsonl", "a")
+        except OSError as e:
+            raise GenbenchError(f"{run_dir / 'log.jsonl'}: cannot write the training log ({e.strerror or e})") from None
         return found
 
     found = distributed.on_main(read_and_prepare, what=f"reading the checkpoint in {ckpt_root}")
-    meta = distributed.share_json(found[1] if found else None)
-    tensors = distributed.share_tensors(found[0] if found else None)
-    where = ckpt_root / f"{meta['stage']}-{meta['step']:08d}" if meta else ckpt_root
-    stage_idx, step, summary = 0, 0, {"stages": {}}
-    if meta is not None:
-        load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, where)
-        stage_idx, step, summary = stages.index(meta["stage"]), meta["step"], meta["summary"]
-    log_file = open(run_dir / "log.jsonl", "a") if main else None
-    global_offset = sum(cfg.for_stage(s).steps for s in stages[:stage_idx])
     try:
+        meta = distributed.share_json(found[1] if found else None)
+        tensors = distributed.share_tensors(found[0] if found else None)
+        where = ckpt_root / f"{meta['stage']}-{meta['step']:08d}" if meta else ckpt_root
+        stage_idx, step, summary = 0, 0, {"stages": {}}
+        if meta is not None:
+            load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, where)
+            stage_idx, step, summary = stages.index(meta["stage"]), meta["step"], meta["summary"]
+        global_offset = sum(cfg.for_stage(s).steps for s in stages[:stage_idx])
         for si in range(stage_idx, len(stages)):
             stage = stages[si]
             scfg = cfg.for_stage(stage)

@@ -94,10 +94,6 @@ class QuantizerOutput:
 # ----------------------------------------------------------------------------- helpers
 
 
-def exists(x) -> bool:
-    return x is not None
-
-
 def squared_distances(z: Tensor, codebook: Tensor, codebook_sq: Tensor | None = None) -> Tensor:
     """||z_n - e_k||^2 = ||z_n||^2 - 2 z_n.e_k + ||e_k||^2 for z (N, D), codebook (K, D) -> (N, K).
 
@@ -149,11 +145,8 @@ def kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator | None = None
     return centres
 
 
-def lloyd(x: Tensor, centres: Tensor, iters: int, chunk_elements: int = 1 << 24) -> tuple[Tensor, Tensor]:
-    """`iters` Lloyd iterations of k-means from `centres`; an empty cluster keeps its centre.
-
-    Returns (centres (k, D), cluster sizes (k,)) of the final assignment.
-    """
+def lloyd(x: Tensor, centres: Tensor, iters: int, chunk_elements: int = 1 << 24) -> Tensor:
+    """`iters` Lloyd iterations of k-means (x (N, D), centres (k, D)); an empty cluster keeps its centre."""
     k = centres.shape[0]
     for _ in range(iters):
         idx = nearest_code(x, centres, chunk_elements)
@@ -161,8 +154,7 @@ def lloyd(x: Tensor, centres: Tensor, iters: int, chunk_elements: int = 1 << 24)
         sums = torch.zeros_like(centres).index_add_(0, idx, x)
         nonempty = counts > 0
         centres = torch.where(nonempty[:, None], sums / counts.clamp(min=1)[:, None], centres)
-    counts = torch.bincount(nearest_code(x, centres, chunk_elements), minlength=k)
-    return centres, counts
+    return centres
 
 
 def flatten_channels_last(z: Tensor) -> Tensor:
@@ -227,7 +219,7 @@ class VectorQuantizer(nn.Module):
                 n = x.shape[0]
             if cfg.init == "kmeans++":
                 centres = kmeans_plus_plus(x, cfg.codebook_size, generator)
-                centres, _ = lloyd(x, centres, cfg.kmeans_iters, cfg.lookup_chunk_elements)
+                centres = lloyd(x, centres, cfg.kmeans_iters, cfg.lookup_chunk_elements)
             else:
                 centres = x[self._pick(n, cfg.codebook_size, generator)]
             self.codebook.data.copy_(centres)

@@ -56,7 +56,9 @@ class UNetConfig:
         if self.base_channels < 1:
             raise GenbenchError(f"unet config: base_channels must be >= 1, got {self.base_channels}")
         if not self.channel_mult or any(m < 1 for m in self.channel_mult):
-            raise GenbenchError(f"unet config: channel_mult must be a non-empty list of integers >= 1, got {list(self.channel_mult)}")
+            raise GenbenchError(
+                f"unet config: channel_mult must be a non-empty list of integers >= 1, got {list(self.channel_mult)}"
+            )
         if self.num_res_blocks < 1:
             raise GenbenchError(f"unet config: num_res_blocks must be >= 1, got {self.num_res_blocks}")
         bad = [lv for lv in self.attention_levels if not 0 <= lv < len(self.channel_mult)]
@@ -121,7 +123,9 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch))
         self.out_norm = norm(out_ch)
-        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1)))
+        self.out_layers = nn.Sequential(
+            nn.SiLU(), nn.Dropout(dropout), zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        )
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -147,7 +151,9 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        qkv = rearrange(self.qkv(self.norm(x)), "b (three heads d) h w -> three b heads (h w) d", three=3, heads=self.num_heads)
+        qkv = rearrange(
+            self.qkv(self.norm(x)), "b (three heads d) h w -> three b heads (h w) d", three=3, heads=self.num_heads
+        )
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         return x + self.proj(rearrange(out, "b heads (h w) d -> b (heads d) h w", h=h, w=w))
 
