@@ -110,7 +110,7 @@ def main():
           f"sampling {args.samples} images per call\n")
     rows = []
     for name, model, cfg in (("ddpm", ddpm, ddpm_train), ("ldm", ldm, ldm_train)):
-        for stage in model.stages:
+        for stage in getattr(model, "stages", ("main",)):
             scfg = cfg.for_stage(stage)
             ips, gflop = train_throughput(model, stage, cfg, size, args.steps)
             rows.append((name, stage, scfg.steps, scfg.batch_size, ips, gflop))

@@ -81,6 +81,8 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GenbenchError(f"{path}: not valid JSON ({e})") from None
+    except (RecursionError, ValueError) as e:  # absurd nesting, integers beyond Python's digit limit
+        raise GenbenchError(f"{path}: JSON too deeply nested or with out-of-range numbers ({type(e).__name__})") from None
 
 
 def _check_writable(folder: Path) -> None:
@@ -181,7 +183,8 @@ def load_checkpoint(ckpt_root: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     pointer = root / "latest.json"
     if not pointer.exists():
         return None
-    name = read_json(pointer).get("checkpoint")
+    pointed = read_json(pointer)
+    name = pointed.get("checkpoint") if isinstance(pointed, dict) else None
     if not isinstance(name, str) or "/" in name or name.startswith("."):
         raise GenbenchError(f"{pointer}: invalid checkpoint name {name!r}")
     meta = read_json(root / name / "state.json")

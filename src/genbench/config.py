@@ -53,6 +53,10 @@ def _coerce(value: Any, tp, where: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise GenbenchError(f"{where}: expected a number, got {value!r}")
+        try:
+            value = float(value)
+        except OverflowError:
+            raise GenbenchError(f"{where}: {str(value)[:20]}... is too large for a number") from None
         if not math.isfinite(value):
             raise GenbenchError(f"{where}: expected a finite number, got {value!r}")
         return float(value)

@@ -152,14 +152,6 @@ def rng_seed(*parts) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def bf16_used(device: torch.device, requested: bool) -> bool:
-    """`utils.bf16_effective`, and on CUDA only with native bf16 (Ampere and newer): older GPUs
-    emulate it, slower than fp32, the same reason it is skipped on CPUs without bf16 instructions."""
-    if not bf16_effective(device, requested):
-        return False
-    return device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -457,7 +449,7 @@ def train(
     summary["wall_time_s"] = sum(s["wall_time_s"] for s in summary["stages"].values())
     summary["device"] = str(device)
     summary["world_size"] = world.world_size
-    summary["bf16_used"] = bf16_used(device, cfg.bf16)
+    summary["bf16_used"] = bf16_effective(device, cfg.bf16)
     return summary
 
 
@@ -469,7 +461,7 @@ def _train_stage(model, data, scfg, stage, step, opts, ema, ckpt_root, log_file,
     bs = min(scfg.batch_size, n)  # the global batch; each of the `world` ranks takes bs // world of it
     local = bs // world
     batches_per_epoch = n // bs
-    bf16 = bf16_used(device, scfg.bf16)
+    bf16 = bf16_effective(device, scfg.bf16)
     # each epoch's order is a pure function of (seed, stage, epoch): nothing to restore on resume
     stage_seed = scfg.seed * 1_000_003 + sum(map(ord, stage))
     perm, perm_epoch = None, -1

@@ -51,10 +51,12 @@ def cpu_has_native_bf16() -> bool:
 
 
 def bf16_effective(device: torch.device, requested: bool) -> bool:
-    """Whether a bf16 request is honoured on `device` (always on CUDA, only with native bf16 on CPU)."""
+    """Whether a bf16 request is honoured on `device`: only where the hardware has native bf16."""
     if not requested:
         return False
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    if device.type == "cuda":  # pre-Ampere GPUs emulate bf16, slower than fp32
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 def autocast(device: torch.device, enabled: bool):

@@ -232,10 +232,11 @@ class LDM(nn.Module):
             },
         },
     }
+    # the VQ models' grid per dataset: 7x7 for 28x28 images, 4x4 for 8x8 digits
     DATASET_PRESETS = {
-        ("quick", "fashion-mnist"): {"model": {"vqvae": {"downsample": 4}}},
-        ("quick", "mnist"): {"model": {"vqvae": {"downsample": 4}}},
-        ("standard", "digits"): {"model": {"vqvae": {"downsample": 2}}},
+        ("quick", "fashion-mnist"): {"model": {"vqvae": {"downsample": 4}, "vqgan": {"downsample": 4}}},
+        ("quick", "mnist"): {"model": {"vqvae": {"downsample": 4}, "vqgan": {"downsample": 4}}},
+        ("standard", "digits"): {"model": {"vqvae": {"downsample": 2}, "vqgan": {"downsample": 2}}},
     }
 
     def __init__(self, config: LDMConfig):

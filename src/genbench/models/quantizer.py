@@ -311,8 +311,7 @@ class VectorQuantizer(nn.Module):
         """One training step of bookkeeping: step counter, last-used steps, EMA update, restarts."""
         cfg = self.config
         self.step += 1
-        step = int(self.step)
-        self.last_used.masked_fill_(counts > 0, step)
+        self.last_used.masked_fill_(counts > 0, self.step)
         if cfg.update == "ema":
             self.ema_update(flat, idx, counts)
         if cfg.dead_code_steps > 0:

@@ -94,7 +94,7 @@ class VQGAN(VQVAE):
         # switched on after 300 of 800 steps
         "quick": {
             "model": merge(VQVAE.PRESETS["quick"]["model"], {
-                "disc_width": 32, "disc_layers": 2, "disc_start": 300, "perceptual_weight": 1.0,
+                "disc_width": 16, "disc_layers": 2, "disc_start": 300, "perceptual_weight": 1.0,
             }),
             "train": merge(VQVAE.PRESETS["quick"]["train"], {"stages": {"autoencoder": _AE_STAGE}}),
         },
