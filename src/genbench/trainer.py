@@ -21,6 +21,8 @@ of a one-process run, so a checkpoint resumes with any number of processes.
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import json
 import math
@@ -550,7 +552,8 @@ def resolve_configs(model_name: str, dataset_name: str, shape: tuple[int, int, i
     presets = getattr(cls, "PRESETS", {})
     if preset not in presets:
         raise GenbenchError(f"unknown preset {preset!r} for {model_name}; choose from {sorted(presets)}")
-    chosen = merge(presets[preset], getattr(cls, "DATASET_PRESETS", {}).get((preset, dataset_name), {}))
+    # deep copy: nested `--set` items write into these dicts and must not leak into the class's presets
+    chosen = copy.deepcopy(merge(presets[preset], getattr(cls, "DATASET_PRESETS", {}).get((preset, dataset_name), {})))
     c, h, w = shape
     if h != w:
         raise GenbenchError(f"dataset {dataset_name}: images must be square, got {h}x{w}")
