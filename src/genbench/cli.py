@@ -221,10 +221,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_threads() -> int:
+    """Intra-op threads: 1 on machines with at most 2 cores, else torch's default.
+
+    Measured on the 2-core development machine: with any other process running, 2 threads made
+    small-op training steps 5-20x slower than 1 (OpenMP workers spin waiting for a core), while
+    on an idle machine 1 thread costs little for these small models. GENBENCH_THREADS overrides."""
+    env = os.environ.get("GENBENCH_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise GenbenchError(f"GENBENCH_THREADS={env!r}: expected a positive integer") from None
+        if n < 1:
+            raise GenbenchError(f"GENBENCH_THREADS={env!r}: expected a positive integer")
+        return n
+    return 1 if (os.cpu_count() or 1) <= 2 else torch.get_num_threads()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        torch.set_num_threads(default_threads())
         return args.func(args)
     except GenbenchError as e:
         print(f"genbench: error: {e}", file=sys.stderr)

@@ -83,7 +83,7 @@ class DDPM(nn.Module):
                 "diffusion": {"num_timesteps": 1000, "schedule": "cosine"},
                 "sample_steps": 50, "bpd_timesteps": 50, "bpd_images": 200,
             },
-            "train": {"steps": 2000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "grad_clip": 1.0,
+            "train": {"steps": 1500, "batch_size": 48, "lr": 1e-3, "warmup_steps": 100, "grad_clip": 1.0,
                       "ema_decay": 0.995, "bf16": True, "log_every": 50, "ckpt_every": 500},
         },
         # Fashion-MNIST 28x28: 3 levels (28, 14, 7) of 16/32/64 channels, attention at 7x7 and in the middle.

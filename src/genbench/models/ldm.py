@@ -310,7 +310,7 @@ class LDM(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latents -> images in [0, 1]: the scale is inverted, then the first stage decodes."""
         self._require_scale()
-        return self.first_stage_decode(z)
+        return self.first_stage_decode(z / self.latent_scale)
 
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
