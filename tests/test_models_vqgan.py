@@ -94,7 +94,8 @@ def test_gan_losses_match_formulas():
     gen = torch.Generator().manual_seed(0)
     real, fake = torch.randn(4, 1, 3, 3, generator=gen) * 2, torch.randn(4, 1, 3, 3, generator=gen) * 2
     r, f = real.double().numpy(), fake.double().numpy()
-    assert hinge_d_loss(real, fake).item() == pytest.approx(np.maximum(0, 1 - r).mean() + np.maximum(0, 1 + f).mean(), rel=1e-6)
+    hinge = np.maximum(0, 1 - r).mean() + np.maximum(0, 1 + f).mean()
+    assert hinge_d_loss(real, fake).item() == pytest.approx(hinge, rel=1e-6)
     vanilla = -np.log(expit(r)).mean() - np.log(1 - expit(f)).mean()
     assert vanilla_d_loss(real, fake).item() == pytest.approx(vanilla, rel=1e-6)
     assert discriminator_loss(real, fake, "hinge").item() == hinge_d_loss(real, fake).item()
@@ -114,7 +115,7 @@ def test_patch_discriminator_shapes(size, n_layers, patch):
     torch.testing.assert_close(d(x[:1]), logits[:1])  # per-image (GroupNorm): batch-mates do not matter
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in d.modules())
     if size >= 64:
-        assert all(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (4, 4) for m in d.net if hasattr(m, "kernel_size"))
+        assert all(m.kernel_size == (4, 4) for m in d.net if isinstance(m, torch.nn.Conv2d))
     with pytest.raises(GenbenchError, match="norm must be one of"):
         PatchDiscriminator(1, size, norm="batch")
 
@@ -234,7 +235,8 @@ def test_evaluate_reports_vqvae_metrics_and_the_perceptual_network(trained, data
     assert "upper bound" in ev["bpd_assumptions"]
     net = get_perceptual_network(data.train)  # from the module's cache: what training used
     assert ev["perceptual_weights_sha256"] == net.weights_sha256
-    assert "rotation prediction" in ev["perceptual_network"] and images_hash(data.train)[:16] in ev["perceptual_network"]
+    assert "rotation prediction" in ev["perceptual_network"]
+    assert images_hash(data.train)[:16] in ev["perceptual_network"]
     assert ev["perceptual_rotation_accuracy"] == pytest.approx(net.rotation_accuracy)
     assert ev["discriminator_patch_map"] == 2
     assert "rotation-prediction" in VQGAN.FAMILY["latent"]

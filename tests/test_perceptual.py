@@ -124,7 +124,8 @@ def test_cache_round_trip_and_corruption_retrains_identically(trained, images, m
     directory = cache / f"images-{images_hash(images)[:16]}"
     meta = json.loads((directory / "config.json").read_text())
     weights = (directory / "model.safetensors").read_bytes()
-    assert meta["images_sha256"] == images_hash(images) and meta["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+    assert meta["images_sha256"] == images_hash(images)
+    assert meta["weights_sha256"] == hashlib.sha256(weights).hexdigest()
     assert meta["rotation_accuracy"] == pytest.approx(net.rotation_accuracy)
 
     def fail(*a, **k):

@@ -115,7 +115,8 @@ class VQGAN(VQVAE):
     def __init__(self, config: VQGANConfig):
         super().__init__(config)
         c = config
-        self.discriminator = PatchDiscriminator(c.image_channels, c.image_size, c.disc_width, c.disc_layers, c.disc_norm)
+        self.discriminator = PatchDiscriminator(c.image_channels, c.image_size, c.disc_width, c.disc_layers,
+                                                c.disc_norm)
         # which perceptual network trained this model: raw sha256 digests (zeros: none yet) and its
         # held-out rotation accuracy (NaN for plug-in weights or none)
         self.register_buffer("perceptual_weights_sha256", torch.zeros(32, dtype=torch.uint8))
