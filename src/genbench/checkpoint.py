@@ -85,13 +85,14 @@ def read_json(path: Path) -> Any:
         raise GenbenchError(f"{path}: JSON too deeply nested or with out-of-range numbers ({type(e).__name__})") from None
 
 
-def _check_writable(folder: Path) -> None:
+def ensure_writable_folder(folder: Path, what: str = "output folder") -> None:
+    """Create `folder` if needed; a clear error if it cannot be created or written."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise GenbenchError(f"{folder}: cannot create output folder ({e.strerror})") from None
+        raise GenbenchError(f"{folder}: cannot create {what} ({e.strerror})") from None
     if not os.access(folder, os.W_OK):
-        raise GenbenchError(f"{folder}: output folder is not writable")
+        raise GenbenchError(f"{folder}: {what} is not writable")
 
 
 # ---------------------------------------------------------------- pretrained (exported) models
@@ -100,7 +101,7 @@ def _check_writable(folder: Path) -> None:
 def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike, extra: dict | None = None) -> None:
     """Write `folder/model.safetensors` then `folder/config.json` (which records the weights' hash)."""
     folder = Path(folder)
-    _check_writable(folder)
+    ensure_writable_folder(folder)
     record = write_tensors(folder / "model.safetensors", model.state_dict())
     write_json(
         folder / "config.json",
@@ -155,7 +156,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step_name: str, tensors: dict[
     `latest.json` naming a complete checkpoint.
     """
     root = Path(ckpt_root)
-    _check_writable(root)
+    ensure_writable_folder(root)
     final = root / step_name
     tmp = root / f".{step_name}.partial"
     if tmp.exists():

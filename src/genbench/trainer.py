@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
-from .checkpoint import (FORMAT_VERSION, load_checkpoint, load_state, read_json, save_checkpoint, save_pretrained,
+from .checkpoint import (FORMAT_VERSION, ensure_writable_folder, load_checkpoint, load_state, read_json, save_checkpoint, save_pretrained,
                          write_json)
 from .config import from_dict, merge, to_dict
 from .errors import GenbenchError
@@ -621,12 +621,7 @@ def train_run(model_name: str, dataset, run_dir: str | os.PathLike, preset: str 
             return info
         model_cfg, train_cfg = resolve_configs(model_name, dataset.name, dataset.shape, preset, sets)
         check_world(train_cfg, stages, dataset.train.shape[0], world.world_size)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise GenbenchError(f"{run_dir}: cannot create run folder ({e.strerror})") from None
-        if not os.access(run_dir, os.W_OK):
-            raise GenbenchError(f"{run_dir}: run folder is not writable")
+        ensure_writable_folder(run_dir, "run folder")
         info = {
             "model": model_name,
             "dataset": dataset_spec or {"name": dataset.name},
