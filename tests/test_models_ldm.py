@@ -28,9 +28,10 @@ TINY_VQ = {"downsample": 2, "width": 16, "n_res_blocks": 1, "codebook_size": 16,
            "dead_code_steps": 3}
 TINY_UNET = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [], "num_heads": 1,
              "dropout": 0.0}
+TINY_DIFFUSION = {"num_timesteps": 100, "schedule": "linear", "beta_start": 1e-3, "beta_end": 0.1}
 TINY = [
     f"vqvae={json.dumps(TINY_VQ)}", f"unet={json.dumps(TINY_UNET)}",
-    'diffusion={"num_timesteps": 100, "schedule": "cosine"}', "sample_steps=10",
+    f"diffusion={json.dumps(TINY_DIFFUSION)}", "sample_steps=10",
     "train.batch_size=32", "train.log_every=2", "train.ckpt_every=1000",
 ]
 
@@ -42,7 +43,7 @@ def stages(first: int, diffusion: int, **diffusion_over) -> str:
 
 def tiny_config(**over) -> LDMConfig:
     base = {"image_size": 8, "vqvae": TINY_VQ, "vae": {"arch": "mlp", "latent_dim": 16, "width": 32}, "unet": TINY_UNET,
-            "diffusion": {"num_timesteps": 100, "schedule": "cosine"}, "sample_steps": 10}
+            "diffusion": TINY_DIFFUSION, "sample_steps": 10}
     return from_dict(LDMConfig, {**base, **over})
 
 
@@ -279,8 +280,8 @@ def test_gaussian_oracle_sampled_through_the_latent_path(sampler, kwargs):
     rng = np.random.default_rng(0)
     m, sd = rng.uniform(-0.5, 0.5, 16), rng.uniform(0.3, 1.0, 16)
     model = LDM(tiny_config(first_stage="vae", sampler=sampler, sample_steps=kwargs.get("steps", 10),
-                            eta=kwargs.get("eta", 0.0), diffusion={"num_timesteps": T, "schedule": "cosine"}))
-    ab = np_alphas_cumprod(T, "cosine")
+                            eta=kwargs.get("eta", 0.0)))
+    ab = np_alphas_cumprod(T, "linear", TINY_DIFFUSION["beta_start"], TINY_DIFFUSION["beta_end"])
     model.unet = FlatOracle(GaussianOracle(ab, m, sd))
     A = torch.as_tensor(rng.normal(size=(64, 16)), dtype=torch.float32)
     A = 0.004 * A / A.norm(dim=1, keepdim=True)
@@ -320,6 +321,16 @@ def test_gaussian_oracle_sampled_through_the_latent_path(sampler, kwargs):
 def test_config_errors_name_the_field(over, match):
     with pytest.raises(GenbenchError, match=match):
         tiny_config(**over)
+
+
+def test_schedules_whose_first_step_amplifies_eps_errors_are_refused():
+    """Cosine at T = 1000: alpha_bar_T = 2.4e-9, so the first x0 estimate multiplies the eps error by
+    2e4; without pixel-style clipping the samples diverge. v-prediction has no such factor."""
+    cosine = {"num_timesteps": 1000, "schedule": "cosine"}
+    with pytest.raises(GenbenchError, match=r"amplifies the network's error by 1/sqrt\(alpha_bar_T\) = 2\.03e\+04"):
+        tiny_config(diffusion=cosine, sample_steps=50)
+    tiny_config(diffusion={**cosine, "prediction": "v"}, sample_steps=50)
+    tiny_config(diffusion={"num_timesteps": 1000, "schedule": "linear"}, sample_steps=50)  # gain 152
 
 
 def test_latent_too_small_for_the_unet_fails_at_construction():

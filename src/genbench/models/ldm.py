@@ -66,6 +66,13 @@ from .unet import UNet, UNetConfig
 VQ_STAGES = ("vqvae", "vqgan")
 UNUSED_SUBMODULES = ("prior",)  # a VQ model's autoregressive prior: the diffusion model replaces it
 
+# Largest sqrt(1 / alpha_bar_T) accepted with eps-prediction. The x0 estimate
+# x0 = x_t / sqrt(abar) - sqrt(1/abar - 1) eps_hat multiplies the network's error by ~1/sqrt(abar_T)
+# at the first sampling step. Pixel DDPM clips x0 to [-1, 1]; unbounded latents cannot be clipped, and
+# with the cosine schedule (abar_T = 2.4e-9 at T = 1000, gain 2e4) the samples of a trained LDM
+# diverged to std ~3500. The linear schedule's gain is 152.
+MAX_X0_GAIN = 1000.0
+
 
 @dataclass
 class LDMConfig:
@@ -101,6 +108,13 @@ class LDMConfig:
         except GenbenchError as e:
             raise GenbenchError(f"ldm config: {e}") from None
         T = self.diffusion.num_timesteps
+        gain = float(GaussianDiffusion(self.diffusion).sqrt_recip_alphas_cumprod[-1])
+        if self.diffusion.prediction == "eps" and gain > MAX_X0_GAIN:
+            raise GenbenchError(
+                f"ldm config: with eps-prediction this schedule's first sampling step amplifies the network's "
+                f"error by 1/sqrt(alpha_bar_T) = {gain:.3g} (> {MAX_X0_GAIN:g}), and latents are not clipped "
+                "like pixels; use diffusion.schedule=linear or diffusion.prediction=v"
+            )
         if self.sample_steps > T:
             raise GenbenchError(f"ldm config: sample_steps ({self.sample_steps}) must be <= diffusion.num_timesteps ({T})")
         if self.first_stage_run is not None:
@@ -191,6 +205,10 @@ _FIRST_STAGE_STANDARD = {
 _UNET = {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 2, "attention_levels": [1],
          "num_heads": 4, "dropout": 0.1}
 
+# Ho et al.'s linear schedule (beta 1e-4 .. 0.02, T = 1000; Rombach et al. use linear schedules too),
+# not DDPM's cosine: see MAX_X0_GAIN
+_DIFFUSION = {"num_timesteps": 1000, "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+
 
 @register("ldm")
 class LDM(nn.Module):
@@ -201,8 +219,7 @@ class LDM(nn.Module):
     PRESETS = {
         # digits: a 4x4x4 latent, U-Net levels 4x4 and 2x2
         "quick": {
-            "model": {**_FIRST_STAGE_QUICK, "unet": _UNET, "diffusion": {"num_timesteps": 1000, "schedule": "cosine"},
-                      "sample_steps": 50},
+            "model": {**_FIRST_STAGE_QUICK, "unet": _UNET, "diffusion": _DIFFUSION, "sample_steps": 50},
             "train": {
                 "batch_size": 64, "log_every": 50, "ckpt_every": 500,
                 "stages": {
@@ -218,8 +235,7 @@ class LDM(nn.Module):
         # Fashion-MNIST: a 4x7x7 latent, U-Net levels 8x8 (padded) and 4x4; the diffusion stage uses
         # DDPM's standard recipe (schedule, steps, batch, lr, EMA), so the two differ in where they diffuse
         "standard": {
-            "model": {**_FIRST_STAGE_STANDARD, "unet": _UNET,
-                      "diffusion": {"num_timesteps": 1000, "schedule": "cosine"}, "sample_steps": 50},
+            "model": {**_FIRST_STAGE_STANDARD, "unet": _UNET, "diffusion": _DIFFUSION, "sample_steps": 50},
             "train": {
                 "batch_size": 64, "log_every": 50, "ckpt_every": 500,
                 "stages": {
