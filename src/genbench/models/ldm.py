@@ -63,7 +63,7 @@ from ..registry import get_model_class, register
 from .ddpm import _eval_mode
 from .unet import UNet, UNetConfig
 
-VQ_STAGES = ("vqvae", "vqgan")
+VQ_KINDS = ("vqvae", "vqgan")
 UNUSED_SUBMODULES = ("prior",)  # a VQ model's autoregressive prior: the diffusion model replaces it
 
 # Largest sqrt(1 / alpha_bar_T) accepted with eps-prediction. The x0 estimate
@@ -227,8 +227,8 @@ class LDM(nn.Module):
                     "first_stage": {"steps": 800, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50,
                                     "lr_schedule": "cosine"},
                     # DDPM's quick recipe
-                    "diffusion": {"steps": 2000, "lr": 1e-3, "warmup_steps": 100, "grad_clip": 1.0,
-                                  "ema_decay": 0.995, "bf16": True},
+                    "diffusion": {"steps": 1500, "batch_size": 48, "lr": 1e-3, "warmup_steps": 100,
+                                  "grad_clip": 1.0, "ema_decay": 0.995, "bf16": True},
                 },
             },
         },
@@ -292,7 +292,7 @@ class LDM(nn.Module):
         """Unscaled latents (B, *latent_shape) of images x in [0, 1]: the VQ models' pre-quantization
         E(x), or the VAE's posterior mean (a draw z ~ q(z|x) with `sample`), laid out as a grid."""
         fs = self.first_stage
-        if self.config.first_stage in VQ_STAGES:
+        if self.config.first_stage in VQ_KINDS:
             encode = getattr(fs, "encode_latents", None)
             return encode(x) if callable(encode) else fs.encoder(x)
         mean, log_var = fs.posterior(x)
@@ -304,7 +304,7 @@ class LDM(nn.Module):
         """Images in [0, 1] from unscaled latents: D(q(z)) for VQ models (nearest codes, then the
         decoder, exactly the VQ model's own reconstruction path), D(z) for the VAE."""
         fs = self.first_stage
-        if self.config.first_stage in VQ_STAGES:
+        if self.config.first_stage in VQ_KINDS:
             decode = getattr(fs, "decode_latents", None)
             if callable(decode):
                 return decode(z)
