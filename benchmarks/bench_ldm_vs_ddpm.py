@@ -1,6 +1,7 @@
 """Latent vs pixel diffusion cost on this machine: training images/s and sampling ms/image, one process.
 
     python benchmarks/bench_ldm_vs_ddpm.py [--preset standard] [--steps 100] [--samples 100] [--threads N]
+                                          [--device cpu|cuda]
 
 Builds the preset's pixel DDPM and LDM (VQ-VAE first stage) at the dataset's image size (standard:
 Fashion-MNIST 1x28x28; quick: digits 1x8x8) and times, interleaved in the same process so both see the
@@ -16,7 +17,9 @@ same machine:
 The networks are untrained (speed does not depend on the weights; the LDM's scale factor is measured
 on random images), so this says nothing about sample quality: `genbench compare --dataset
 fashion-mnist --preset standard --models ddpm,ldm` trains both and reports their cost next to FD/KID.
-fp32 only: on CPUs without native bf16 the trainer skips bf16 anyway (genbench.utils.bf16_effective).
+Precision as in the trainer: bf16 autocast where a stage asks for it and the device has native bf16
+(genbench.utils.autocast: CUDA, or a CPU with AVX512-BF16/AMX), fp32 otherwise. On CUDA every timed
+region ends with a synchronize.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from genbench.config import from_dict, merge
 from genbench.trainer import TrainConfig, optimizer_groups
-from genbench.utils import count_parameters
+from genbench.utils import autocast, count_parameters, select_device
 
 SIZES = {"quick": 8, "standard": 28}
 DATASETS = {"quick": "digits", "standard": "fashion-mnist"}
@@ -45,8 +48,16 @@ def build(name: str, preset: str, size: int):
     return cls(cfg), from_dict(TrainConfig, chosen["train"])
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def images(n: int, size: int) -> torch.Tensor:
-    return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(0))
+    return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
 
 def train_throughput(model, stage: str, cfg: TrainConfig, size: int, steps: int) -> tuple[float, float]:
@@ -59,7 +70,8 @@ def train_throughput(model, stage: str, cfg: TrainConfig, size: int, steps: int)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = model.loss(batch, stage=stage)["loss"]
+        with autocast(DEVICE, scfg.bf16):
+            loss = model.loss(batch, stage=stage)["loss"]
         loss.backward(inputs=params)
         if scfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, scfg.grad_clip)
@@ -69,9 +81,11 @@ def train_throughput(model, stage: str, cfg: TrainConfig, size: int, steps: int)
         model.loss(batch, stage=stage)["loss"].backward(inputs=params)
     for _ in range(3):
         step()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
+    sync()
     dt = time.perf_counter() - t0
     return steps * scfg.batch_size / dt, counter.get_total_flops() / scfg.batch_size / 1e9
 
@@ -85,8 +99,10 @@ def sample_cost(model, n: int, repeats: int) -> tuple[float, float]:
     model.sample(min(n, 8))  # warm-up
     best = float("inf")
     for i in range(repeats):
+        sync()
         t0 = time.perf_counter()
-        model.sample(n, generator=torch.Generator().manual_seed(i))
+        model.sample(n, generator=torch.Generator(device=DEVICE).manual_seed(i))
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best / n * 1e3, counter.get_total_flops() / 2 / 1e9
 
@@ -98,14 +114,19 @@ def main():
     ap.add_argument("--samples", type=int, default=100, help="images per timed sampling call")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = select_device(args.device)
     torch.set_num_threads(args.threads)
     size = SIZES[args.preset]
     ddpm, ddpm_train = build("ddpm", args.preset, size)
     ldm, ldm_train = build("ldm", args.preset, size)
+    ddpm, ldm = ddpm.to(DEVICE), ldm.to(DEVICE)
     with torch.no_grad():
         ldm.prepare_stage("diffusion", images(1000, size))
-    print(f"torch {torch.__version__}, {args.threads} threads, preset {args.preset} ({DATASETS[args.preset]} "
+    name = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"torch {torch.__version__}, {name}, preset {args.preset} ({DATASETS[args.preset]} "
           f"1x{size}x{size}), LDM latent {'x'.join(map(str, ldm.latent_shape))}, {args.steps} timed steps per stage, "
           f"sampling {args.samples} images per call\n")
     rows = []

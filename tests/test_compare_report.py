@@ -38,6 +38,20 @@ def test_compare_writes_all_outputs(compare_dir):
     assert rows["vae"]["bits_per_dim"] > 0 and "IWAE" in rows["vae"]["bpd_estimator"]
     assert rows["vae"]["sample_ms_per_image"] > 0 and rows["vae"]["parameters"] > 0
     assert rows["vae"]["network_calls_per_sample"] == {"decoder": 1}
+    assert rows["vae"]["recon_fd"] > 0 and "recon_fd" not in rows["train set (floor)"]
+
+
+def test_reconstruction_fd_is_zero_for_perfect_and_grows_with_blur(digits):
+    import torch.nn.functional as F
+
+    from genbench.compare import EvalContext
+    from genbench.features import get_feature_network
+
+    ctx = EvalContext(digits, get_feature_network(digits), num_samples=10, eval_limit=300)
+    perfect = ctx.reconstruction_fd(ctx.test.clone())
+    blur1 = ctx.reconstruction_fd(F.avg_pool2d(ctx.test, 3, 1, 1))
+    blur2 = ctx.reconstruction_fd(F.avg_pool2d(F.avg_pool2d(ctx.test, 3, 1, 1), 3, 1, 1))
+    assert abs(perfect) < 1e-3 and 0 < blur1 < blur2
 
 
 def test_compare_rejects_unknown_model_before_work(tmp_path, capsys):

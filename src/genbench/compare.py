@@ -128,6 +128,7 @@ class EvalContext:
         self.test = ds.test[:eval_limit]
         # the real side of FD/KID/PRDC: all test images
         self.real_feats = feats.features(ds.test)
+        self._test_feats = None  # features of self.test, for the reconstruction FD
 
     # ---- sample quality, identical for models and reference rows
 
@@ -148,6 +149,16 @@ class EvalContext:
             "class_histogram": hist.get("histogram"),
             "memorization_ratio": mem["ratio"], "memorization_fraction_closer": mem["fraction_closer"],
         }
+
+    def reconstruction_fd(self, rec: torch.Tensor) -> float:
+        """Frechet distance between the reconstructions of the evaluated test images and those test
+        images themselves ("rFID" of Esser et al. 2021, with genbench's feature network): realism of
+        reconstructions, which MSE does not measure."""
+        from . import metrics
+
+        if self._test_feats is None:
+            self._test_feats = self.feats.features(self.test)
+        return metrics.frechet_distance(self.feats.features(rec), self._test_feats)
 
     def reference_row(self, name: str, pool: torch.Tensor | None) -> dict:
         g = torch.Generator().manual_seed(self.seed)
@@ -191,14 +202,14 @@ class EvalContext:
         if hasattr(model, "reconstruct"):
             rec = torch.cat([model.reconstruct(x).float() for x in test.split(500)]).clamp(0, 1).cpu()
             row.update(mse=metrics.mse(rec, self.test), psnr=metrics.psnr(rec, self.test),
-                       ssim=metrics.ssim(rec, self.test))
+                       ssim=metrics.ssim(rec, self.test), recon_fd=self.reconstruction_fd(rec))
             pairs = torch.stack([self.test[:32], rec[:32]], 1).flatten(0, 1)
             images["reconstructions"] = make_grid(pairs, nrow=8)
             interp = latent_interpolation(model, test[:8], steps=8)
             if interp is not None:
                 images["interpolations"] = make_grid(interp.cpu(), nrow=8)
         else:
-            row.update(mse=None, psnr=None, ssim=None)
+            row.update(mse=None, psnr=None, ssim=None, recon_fd=None)
         ev = model.evaluate(test, generator=torch.Generator(device=dev).manual_seed(self.seed)) \
             if hasattr(model, "evaluate") else {}
         row["bits_per_dim"] = ev.get("bits_per_dim")

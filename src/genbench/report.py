@@ -33,6 +33,7 @@ COLUMNS = [
     ("coverage", "Coverage ↑", +1, "{:.3f}"),
     ("class_entropy", "Class entropy ↑", +1, "{:.3f}"),
     ("memorization_ratio", "NN-dist ratio", 0, "{:.2f}"),
+    ("recon_fd", "rFD ↓", -1, "{:.2f}"),
     ("mse", "MSE ↓", -1, "{:.5f}"),
     ("psnr", "PSNR ↑", +1, "{:.2f}"),
     ("ssim", "SSIM ↑", +1, "{:.3f}"),
