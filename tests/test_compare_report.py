@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 from genbench.cli import main
 from genbench.report import best_per_column
@@ -19,7 +20,7 @@ TINY = ["--set", "ae:arch=mlp", "--set", "ae:train.steps=30", "--set", "vae:arch
 def compare_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     os.environ.setdefault("GENBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
-    assert main(["compare", "--dataset", "digits", "--models", "ae,vae", "--out", str(out), *TINY]) == 0
+    assert main(["compare", "--dataset", "digits", "--models", "ae,vae", "--out", str(out), "--jobs", "2", *TINY]) == 0
     return out
 
 
@@ -52,6 +53,27 @@ def test_reconstruction_fd_is_zero_for_perfect_and_grows_with_blur(digits):
     blur1 = ctx.reconstruction_fd(F.avg_pool2d(ctx.test, 3, 1, 1))
     blur2 = ctx.reconstruction_fd(F.avg_pool2d(F.avg_pool2d(ctx.test, 3, 1, 1), 3, 1, 1))
     assert abs(perfect) < 1e-3 and 0 < blur1 < blur2
+
+
+def test_training_in_processes_equals_training_in_process(compare_dir, tmp_path):
+    """The fixture trained ae and vae in two `genbench train` processes at once (--jobs 2); the same
+    comparison trained here in this process gives bit-identical weights and the same metrics."""
+    from genbench.checkpoint import read_tensors
+
+    out = tmp_path / "serial"
+    assert main(["compare", "--dataset", "digits", "--models", "ae,vae", "--out", str(out), "--jobs", "1", *TINY]) == 0
+    for m in ("ae", "vae"):
+        assert (compare_dir / m / "train.log").exists() and not (out / m / "train.log").exists()
+        a = read_tensors(compare_dir / m / "model" / "model.safetensors")
+        b = read_tensors(out / m / "model" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), m
+    fd = [{r["name"]: r["fd"] for r in json.loads((d / "metrics.json").read_text())["rows"]} for d in (compare_dir, out)]
+    assert fd[0] == fd[1]
+
+
+def test_compare_rejects_bad_jobs(tmp_path, capsys):
+    assert main(["compare", "--dataset", "digits", "--models", "ae", "--jobs", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
 
 
 def test_compare_rejects_unknown_model_before_work(tmp_path, capsys):

@@ -91,7 +91,8 @@ def cmd_train(args) -> int:
               progress=not args.no_progress, dataset_spec=spec)
     if not distributed.is_main_process():
         return 0
-    write_run_images(out, seed=args.seed)
+    if not args.no_images:
+        write_run_images(out, seed=args.seed)
     world = distributed.world_size()
     on = f" with {world} processes" if world > 1 else ""
     print(f"trained {args.model} on {args.dataset}{on} in {time.perf_counter() - t0:.1f}s -> {out}")
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample grid written after training")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-images", action="store_true", help="skip samples.png / reconstructions.png after training")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="draw samples from a trained run")

@@ -39,7 +39,10 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--eval-limit", type=int, default=None,
                    help="test images for likelihood and reconstruction (default: all, at most 2000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="device of the evaluation (training: each model's train.device)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="models trained at once, each in its own process (default: cores / threads per "
+                        "process, e.g. 2 on a 2-core machine; 1 trains in this process)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
 
@@ -57,6 +60,117 @@ def cmd_features_train(args) -> int:
     net = get_feature_network(load_from_spec(dataset_spec(args)))
     print(f"feature network for {args.dataset}: test accuracy {net.test_accuracy:.4f} ({net.directory})")
     return 0
+
+
+# models by training cost under their presets, most expensive first (measured: digits quick, docs/benchmarks.md)
+TRAIN_COST_RANK = ("ldm", "ddpm", "vqgan", "vqvae", "vae", "ae")
+
+
+def default_jobs() -> int:
+    """Training processes at once: one per group of `default_threads()` cores (2 on a 2-core machine,
+    where each process uses 1 thread; 1 where torch's default already uses every core). Small models
+    keep one core busy with Python and small kernels, so two single-thread processes train about
+    twice the images per second of one two-thread process here. A GPU is shared by the processes."""
+    import os
+
+    from .cli import default_threads
+
+    return max(1, (os.cpu_count() or 1) // default_threads())
+
+
+def _run_complete(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("status") == "complete"
+    except (OSError, ValueError):
+        return False
+
+
+def _last_global_step(log: Path) -> int:
+    """The latest `global_step` logged by a run (0 before its first record)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["global_step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
+
+
+def train_in_processes(models: list[str], spec: dict, out: Path, preset: str, per_model_sets: dict[str, list[str]],
+                       jobs: int, progress: bool = True) -> None:
+    """Train `models` with up to `jobs` `genbench train` processes at once (each resumable, its output
+    in RUN/train.log). One progress bar over the steps of all models, from their log.jsonl files.
+    A failed process stops the comparison with its model, exit status and the end of its log."""
+    import os
+    import subprocess
+    import sys
+
+    from tqdm import tqdm
+
+    from .cli import default_threads
+    from .registry import get_model_class
+    from .trainer import resolve_configs
+
+    ds_shape = None
+    total = {}
+    for m in models:
+        if ds_shape is None:
+            from .cli import load_from_spec
+
+            ds_shape = load_from_spec(spec).shape
+        _, cfg = resolve_configs(m, spec["name"], ds_shape, preset, per_model_sets[m])
+        stages = getattr(get_model_class(m), "stages", ("main",))
+        total[m] = sum(cfg.for_stage(s).steps for s in stages)
+    data_args = ["--dataset", spec["name"]]
+    for key, flag in (("data_dir", "--data-dir"), ("image_size", "--image-size"), ("limit", "--limit")):
+        if spec.get(key) is not None:
+            data_args += [flag, str(spec[key])]
+    env = {**os.environ, "GENBENCH_THREADS": str(default_threads())}
+    # longest first, so that the last to start are short: the diffusion models, then the GAN, then the
+    # rest (step counts say little: an AE step costs a fraction of a U-Net step)
+    queue = sorted(models, key=lambda m: TRAIN_COST_RANK.index(m) if m in TRAIN_COST_RANK else len(TRAIN_COST_RANK))
+    running: dict[str, tuple[subprocess.Popen, object]] = {}
+    bar = tqdm(total=sum(total.values()), desc=f"train {len(models)} models, {jobs} at once", unit="step",
+               disable=not progress, smoothing=0.1)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                m = queue.pop(0)
+                run_dir = out / m
+                run_dir.mkdir(parents=True, exist_ok=True)
+                log = open(run_dir / "train.log", "ab")
+                cmd = [sys.executable, "-m", "genbench", "train", m, *data_args, "--preset", preset, "--out", str(run_dir),
+                       "--resume", "--no-progress", "--no-images"]
+                for item in per_model_sets[m]:
+                    cmd += ["--set", item]
+                bar.write(f"[compare] {m}: training in its own process -> {run_dir / 'train.log'}")
+                running[m] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+            time.sleep(1.0)
+            for m in list(running):
+                proc, log = running[m]
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[m]
+                if proc.returncode != 0:
+                    tail = (out / m / "train.log").read_text(errors="replace").strip().splitlines()[-5:]
+                    raise GenbenchError(f"training {m} failed (exit status {proc.returncode}); "
+                                        f"{out / m / 'train.log'} ends with:\n  " + "\n  ".join(tail))
+                bar.write(f"[compare] {m}: trained")
+            bar.n = sum(min(total[m], _last_global_step(out / m / "log.jsonl")) if not _run_complete(out / m)
+                        else total[m] for m in models)
+            bar.refresh()
+    finally:
+        for proc, log in running.values():  # interrupted or failed: stop the others (their checkpoints stay)
+            proc.terminate()
+            proc.wait()
+            log.close()
+        bar.close()
 
 
 def _parse_model_sets(sets: list[str], models: list[str], known: list[str]) -> dict[str, list[str]]:
@@ -90,7 +204,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     spec = dataset_spec(args)
     ds = load_from_spec(spec)
     eval_limit = args.eval_limit or min(len(ds.test), 2000)
+    jobs = default_jobs() if args.jobs is None else args.jobs
+    if jobs < 1:
+        raise GenbenchError(f"--jobs must be >= 1, got {jobs}")
     t0 = time.perf_counter()
+    pending = [m for m in models if not _run_complete(out / m)]
+    if jobs > 1 and len(pending) > 1:
+        train_in_processes(pending, spec, out, args.preset, per_model_sets, jobs, progress=not args.no_progress)
 
     print(f"[compare] feature network for {ds.name} ...", flush=True)
     feats = get_feature_network(ds)
