@@ -71,6 +71,23 @@ def test_training_in_processes_equals_training_in_process(compare_dir, tmp_path)
     assert fd[0] == fd[1]
 
 
+def test_failed_training_process_is_reported_with_its_log(tmp_path, monkeypatch, capsys):
+    """A child that dies: the comparison stops with the model, its exit status and its log's end."""
+    import sys
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'CUDA out of memory (simulated)'\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    out = tmp_path / "o"
+    assert main(["compare", "--dataset", "digits", "--models", "ae,vae", "--jobs", "2", "--out", str(out),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "training vae failed (exit status 3)" in err or "training ae failed (exit status 3)" in err
+    assert "CUDA out of memory (simulated)" in err and "train.log" in err
+    assert not (out / "report.html").exists()
+
+
 def test_compare_rejects_bad_jobs(tmp_path, capsys):
     assert main(["compare", "--dataset", "digits", "--models", "ae", "--jobs", "0", "--out", str(tmp_path / "o")]) == 2
     assert "--jobs must be >= 1" in capsys.readouterr().err
