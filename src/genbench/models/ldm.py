@@ -233,7 +233,7 @@ class LDM(nn.Module):
             },
         },
         # Fashion-MNIST: a 4x7x7 latent, U-Net levels 8x8 (padded) and 4x4; the diffusion stage uses
-        # DDPM's standard recipe (schedule, steps, batch, lr, EMA), so the two differ in where they diffuse
+        # DDPM's standard training recipe (steps, batch, lr, EMA); the schedule is linear (see MAX_X0_GAIN)
         "standard": {
             "model": {**_FIRST_STAGE_STANDARD, "unet": _UNET, "diffusion": _DIFFUSION, "sample_steps": 50},
             "train": {
