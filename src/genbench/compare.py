@@ -101,8 +101,8 @@ def _last_global_step(log: Path) -> int:
     return 0
 
 
-def train_in_processes(models: list[str], spec: dict, out: Path, preset: str, per_model_sets: dict[str, list[str]],
-                       jobs: int, progress: bool = True) -> None:
+def train_in_processes(models: list[str], spec: dict, shape: tuple[int, int, int], out: Path, preset: str,
+                       per_model_sets: dict[str, list[str]], jobs: int, progress: bool = True) -> None:
     """Train `models` with up to `jobs` `genbench train` processes at once (each resumable, its output
     in RUN/train.log). One progress bar over the steps of all models, from their log.jsonl files.
     A failed process stops the comparison with its model, exit status and the end of its log."""
@@ -116,14 +116,9 @@ def train_in_processes(models: list[str], spec: dict, out: Path, preset: str, pe
     from .registry import get_model_class
     from .trainer import resolve_configs
 
-    ds_shape = None
     total = {}
-    for m in models:
-        if ds_shape is None:
-            from .cli import load_from_spec
-
-            ds_shape = load_from_spec(spec).shape
-        _, cfg = resolve_configs(m, spec["name"], ds_shape, preset, per_model_sets[m])
+    for m in models:  # also checks every model's --set items before any process starts
+        _, cfg = resolve_configs(m, spec["name"], shape, preset, per_model_sets[m])
         stages = getattr(get_model_class(m), "stages", ("main",))
         total[m] = sum(cfg.for_stage(s).steps for s in stages)
     data_args = ["--dataset", spec["name"]]
@@ -135,6 +130,7 @@ def train_in_processes(models: list[str], spec: dict, out: Path, preset: str, pe
     # rest (step counts say little: an AE step costs a fraction of a U-Net step)
     queue = sorted(models, key=lambda m: TRAIN_COST_RANK.index(m) if m in TRAIN_COST_RANK else len(TRAIN_COST_RANK))
     running: dict[str, tuple[subprocess.Popen, object]] = {}
+    finished: set[str] = set()
     bar = tqdm(total=sum(total.values()), desc=f"train {len(models)} models, {jobs} at once", unit="step",
                disable=not progress, smoothing=0.1)
     try:
@@ -161,9 +157,10 @@ def train_in_processes(models: list[str], spec: dict, out: Path, preset: str, pe
                     tail = (out / m / "train.log").read_text(errors="replace").strip().splitlines()[-5:]
                     raise GenbenchError(f"training {m} failed (exit status {proc.returncode}); "
                                         f"{out / m / 'train.log'} ends with:\n  " + "\n  ".join(tail))
+                finished.add(m)
                 bar.write(f"[compare] {m}: trained")
-            bar.n = sum(min(total[m], _last_global_step(out / m / "log.jsonl")) if not _run_complete(out / m)
-                        else total[m] for m in models)
+            bar.n = sum(total[m] if m in finished else min(total[m], _last_global_step(out / m / "log.jsonl"))
+                        for m in models)
             bar.refresh()
     finally:
         for proc, log in running.values():  # interrupted or failed: stop the others (their checkpoints stay)
@@ -210,7 +207,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     pending = [m for m in models if not _run_complete(out / m)]
     if jobs > 1 and len(pending) > 1:
-        train_in_processes(pending, spec, out, args.preset, per_model_sets, jobs, progress=not args.no_progress)
+        train_in_processes(pending, spec, ds.shape, out, args.preset, per_model_sets, jobs,
+                           progress=not args.no_progress)
 
     print(f"[compare] feature network for {ds.name} ...", flush=True)
     feats = get_feature_network(ds)

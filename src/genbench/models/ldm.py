@@ -178,25 +178,26 @@ def vector_grid(dim: int) -> tuple[int, int, int]:
 
 # ----------------------------------------------------------------------------- the model
 
+_VQ_QUICK = {"downsample": 2, "width": 32, "n_res_blocks": 1, "codebook_size": 128, "code_dim": 4,
+             "dead_code_steps": 100, "init_images": 1024}
+_VQ_STANDARD = {"downsample": 4, "width": 128, "n_res_blocks": 2, "codebook_size": 512, "code_dim": 4,
+                "dead_code_steps": 200, "init_images": 2048}
 _FIRST_STAGE_QUICK = {
     # digits 8x8, f = 2: a 4x4x4 latent (64 numbers, as many as the pixels; the compression shows on
     # larger images), codebook of 128 four-dimensional codes
-    "vqvae": {"downsample": 2, "width": 32, "n_res_blocks": 1, "codebook_size": 128, "code_dim": 4,
-              "dead_code_steps": 100, "init_images": 1024},
+    "vqvae": _VQ_QUICK,
     # the same autoencoder plus the VQ-GAN quick preset's PatchGAN (train it with
     # --set train.stages.first_stage.beta1=0.5 --set train.stages.first_stage.beta2=0.9, taming's GAN betas)
-    "vqgan": {"downsample": 2, "width": 32, "n_res_blocks": 1, "codebook_size": 128, "code_dim": 4,
-              "dead_code_steps": 100, "init_images": 1024, "disc_width": 32, "disc_layers": 2, "disc_start": 300},
+    "vqgan": {**_VQ_QUICK, "disc_width": 32, "disc_layers": 2, "disc_start": 300},
     "vae": {"arch": "mlp", "latent_dim": 16, "width": 256, "beta": 0.01},
 }
 _FIRST_STAGE_STANDARD = {
     # Fashion-MNIST 28x28, f = 4: a 4x7x7 latent (196 numbers for 784 pixels)
-    "vqvae": {"downsample": 4, "width": 128, "n_res_blocks": 2, "codebook_size": 512, "code_dim": 4,
-              "dead_code_steps": 200, "init_images": 2048},
-    "vqgan": {"downsample": 4, "width": 128, "n_res_blocks": 2, "codebook_size": 512, "code_dim": 4,
-              "dead_code_steps": 200, "init_images": 2048, "disc_width": 64, "disc_layers": 2, "disc_start": 1000},
+    "vqvae": _VQ_STANDARD,
+    "vqgan": {**_VQ_STANDARD, "disc_width": 64, "disc_layers": 2, "disc_start": 1000},
     "vae": {"arch": "conv", "latent_dim": 64, "width": 32, "beta": 0.01},
 }
+
 
 # The U-Net: 32/64 channels at the latent side and half of it, two residual blocks per level,
 # attention at the coarse level and in the middle. On a 4x7x7 latent (padded to 8x8) it costs
