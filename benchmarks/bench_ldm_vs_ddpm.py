@@ -10,7 +10,7 @@ same machine:
 * training: real optimizer steps of each training stage (the model's own `loss`, backward, AdamW,
   grad clipping as in the preset), batch size from the preset, after 3 warm-up steps. The LDM's
   diffusion step includes encoding the batch with the frozen first stage, as in training;
-* sampling: `model.sample(n)` with the preset's sampler (DDIM, `sample_steps` network calls), best
+* sampling: `model.sample(n)` with the preset's sampler (DDIM, `sampler.steps` network calls), best
   of `--repeats`; the LDM's time includes decoding;
 * FLOPs per image (torch.utils.flop_counter) of a training step's forward + backward and of one sample.
 
@@ -30,8 +30,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from genbench.config import from_dict, merge
-from genbench.trainer import TrainConfig, optimizer_groups
+from genbench.training.config import TrainConfig
+from genbench.training.run import resolve_configs
 from genbench.utils import autocast, count_parameters, select_device
 
 SIZES = {"quick": 8, "standard": 28}
@@ -39,13 +39,11 @@ DATASETS = {"quick": "digits", "standard": "fashion-mnist"}
 
 
 def build(name: str, preset: str, size: int):
-    from genbench.registry import get_model_class
+    from genbench.models import get_model_class
 
-    cls = get_model_class(name)
-    chosen = merge(cls.PRESETS[preset], getattr(cls, "DATASET_PRESETS", {}).get((preset, DATASETS[preset]), {}))
-    cfg = from_dict(cls.Config, {**chosen["model"], "image_channels": 1, "image_size": size})
+    cfg, train_cfg = resolve_configs(name, DATASETS[preset], (1, size, size), preset)
     torch.manual_seed(0)
-    return cls(cfg), from_dict(TrainConfig, chosen["train"])
+    return get_model_class(name)(cfg), train_cfg
 
 
 DEVICE = torch.device("cpu")
@@ -63,7 +61,7 @@ def images(n: int, size: int) -> torch.Tensor:
 def train_throughput(model, stage: str, cfg: TrainConfig, size: int, steps: int) -> tuple[float, float]:
     """(images/s, GFLOP per image) of `steps` optimizer steps of `stage`."""
     scfg = cfg.for_stage(stage)
-    params = optimizer_groups(model, stage)["main"]
+    params = model.optimizer_groups(stage)["main"]
     opt = torch.optim.AdamW(params, lr=scfg.lr, betas=(scfg.beta1, scfg.beta2), weight_decay=scfg.weight_decay)
     batch = images(scfg.batch_size, size)
     model.train()

@@ -3,7 +3,7 @@
     python benchmarks/bench_quantizer.py [--n 16384] [--dim 64] [--sizes 512 8192] [--device cpu]
 
 Methods, all returning argmin_k ||z_n - e_k||^2 for N vectors z against a (K, D) codebook:
-- genbench: ||e||^2 - 2 z.e^T via one batched GEMM per chunk of rows (genbench.models.quantizer.nearest_code);
+- genbench: ||e||^2 - 2 z.e^T via one batched GEMM per chunk of rows (genbench.core.quantizer.nearest_code);
 - cdist: torch.cdist(z, e).argmin(1) (computes the square root, and the full (N, K) matrix at once);
 - broadcast: ((z[:, None] - e[None]) ** 2).sum(-1).argmin(1), which materialises (N, K, D); run
   only where that tensor fits under --max-broadcast-gib.
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from genbench.models.quantizer import nearest_code
+from genbench.core.quantizer import nearest_code
 
 
 def lookup_cdist(z, e):

@@ -3,12 +3,12 @@
     python benchmarks/bench_unet.py [--threads 1] [--steps 40] [--block 5] [--wait-load 1.3] [--run-dir RUN]
 
 One process, fp32 (an AVX2-only CPU emulates bf16 12-50x slower, docs/benchmarks.md), on the
-Fashion-MNIST "standard" DDPM (models/ddpm.py PRESETS, 1x28x28, batch 64):
+Fashion-MNIST "standard" DDPM (models/presets.py, 1x28x28, batch 64):
 
 * genbench: `DDPM(cfg)` trained through the library's own path, the per-step body of
-  trainer._train_stage: re-seed from trainer.rng_seed, `model.loss(batch)` (the simple loss: random t,
-  eps, MSE on eps, genbench.diffusion.training_loss), backward, clip_grad_norm_ 1.0, finiteness check,
-  AdamW(foreach=True, lr/betas/weight decay of the preset), trainer.EMA update (decay 0.995).
+  genbench.training.loop._train_stage: re-seed from loop.rng_seed, `model.loss(batch)` (the simple loss: random t,
+  eps, MSE on eps, genbench.core.diffusion.training_loss), backward, clip_grad_norm_ 1.0, finiteness check,
+  AdamW(foreach=True, lr/betas/weight decay of the preset), loop.EMA update (decay 0.995).
 * diffusers: `UNet2DModel` with the same layout (block widths, one res block per level, attention at
   the 7x7 level and in the middle, 2 heads, scale-shift time conditioning, dropout 0.1, GroupNorm
   groups dividing every width), wrapped in the *same* loss (GaussianDiffusion.training_loss on its
@@ -16,7 +16,7 @@ Fashion-MNIST "standard" DDPM (models/ddpm.py PRESETS, 1x28x28, batch 64):
   Forward FLOPs per image of both nets are counted with torch.utils.flop_counter.FlopCounterMode and
   must agree within 10%; a training step's FLOPs are counted over one real step (forward + backward).
 * memory format: each net is probed in contiguous and channels_last and timed in its faster one
-  (genbench's trainer feeds contiguous batches; diffusers gets the same choice).
+  (genbench's training loop feeds contiguous batches; diffusers gets the same choice).
 * timing is interleaved: blocks of `--block` steps alternate between the two nets (order swapped each
   round), so load from other processes hits both alike; images/s = images / summed step time.
 * sampling: one 64-image DDIM-50 `DDPM.sample` (the library's path: eval mode, no_grad, clipped x0),
@@ -40,10 +40,11 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from genbench.config import from_dict
-from genbench.diffusion import GaussianDiffusion
+from genbench.core.diffusion import GaussianDiffusion
 from genbench.models.ddpm import DDPM, DDPMConfig
-from genbench.models.unet import num_groups
-from genbench.trainer import EMA, rng_seed
+from genbench.models.presets import PRESETS
+from genbench.nets.unet import num_groups
+from genbench.training.loop import EMA, rng_seed
 from genbench.utils import count_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,7 +74,7 @@ def wait_for_quiet(threshold: float, max_wait: float, poll: float = 30.0) -> str
 
 
 def standard_config() -> DDPMConfig:
-    return from_dict(DDPMConfig, {**DDPM.PRESETS[PRESET]["model"], "image_channels": CHANNELS, "image_size": SIDE})
+    return from_dict(DDPMConfig, {**PRESETS["ddpm"][PRESET]["model"], "image_channels": CHANNELS, "image_size": SIDE})
 
 
 class DiffusersDDPM(nn.Module):
@@ -115,10 +116,10 @@ def denoiser(model: nn.Module):
 
 
 class Trainee:
-    """A model, its optimizer and EMA, stepped exactly like trainer._train_stage steps (no logging/ckpt)."""
+    """A model, its optimizer and EMA, stepped exactly like the training loop's _train_stage (no logging/ckpt)."""
 
     def __init__(self, name: str, model: nn.Module, pool: Tensor, fmt: str):
-        train = DDPM.PRESETS[PRESET]["train"]
+        train = PRESETS["ddpm"][PRESET]["train"]
         self.name, self.fmt = name, fmt
         self.model = model.to(memory_format=FORMATS[fmt]).train()
         self.params = list(self.model.parameters())
@@ -250,17 +251,17 @@ def main():
 
     # --- DDIM sampling through the library's path
     if args.run_dir is not None:
-        from genbench.checkpoint import load_pretrained
+        from genbench.models import GenerativeModel
 
-        model = load_pretrained(args.run_dir / "model")
+        model = GenerativeModel.from_pretrained(args.run_dir)
         if not isinstance(model, DDPM):
             sys.exit(f"{args.run_dir}: not a DDPM run")
         weights = f"weights of {args.run_dir}"
     else:
         model = DDPM(cfg).eval()
         weights = "random weights"
-    model.config.sample_steps = args.sample_steps
-    model.config.sampler = "ddim"
+    model.config.sampler.steps = args.sample_steps
+    model.config.sampler.name = "ddim"
     gen = torch.Generator().manual_seed(0)
     model.unet(torch.randn(8, *model.image_shape), torch.randint(0, 1000, (8,)))  # warm-up
     t0 = time.perf_counter()

@@ -13,10 +13,11 @@ import time
 
 import torch
 
-from genbench import metrics
-from genbench.checkpoint import load_pretrained
+from genbench.core.samplers import ddim_sample
 from genbench.data import load_dataset
-from genbench.features import get_feature_network
+from genbench.evaluation import metrics
+from genbench.evaluation.features import get_feature_network
+from genbench.models import GenerativeModel
 
 VARIANTS = [
     ("trailing clip", dict(steps=50)),
@@ -29,7 +30,7 @@ VARIANTS = [
 def main():
     torch.set_num_threads(1)
     run, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 400
-    model = load_pretrained(run + "/model", device="cpu").eval()
+    model = GenerativeModel.from_pretrained(run, device="cpu").eval()
     ds = load_dataset("fashion-mnist")
     feats = get_feature_network(ds)
     real = feats.features(ds.test)
@@ -39,8 +40,8 @@ def main():
     for name, kw in VARIANTS:
         t = time.time()
         with torch.no_grad():
-            x = model.diffusion.ddim_sample(model.unet, (n, 1, 28, 28), generator=torch.Generator().manual_seed(0),
-                                            progress=False, **kw)
+            x = ddim_sample(model.diffusion, model.unet, (n, 1, 28, 28), generator=torch.Generator().manual_seed(0),
+                            progress=False, **kw)
         x = ((x + 1) / 2).clamp(0, 1)
         fd = metrics.frechet_distance(feats.features(x), real)
         print(f"{name}: FD {fd:.2f}  pixels at 1.0 {(x >= 0.999).float().mean():.4f}  mean {x.mean():.3f}  "

@@ -2,7 +2,7 @@
 # System packages genbench uses, from Debian, installed when missing and we can (root or sudo -n):
 #   data      dataset-fashion-mnist (idx .gz files in /usr/share/datasets/fashion-mnist);
 #             skipped when GENBENCH_DATA points elsewhere
-#   chromium  headless browser for the report test (tests/test_compare_report.py)
+#   chromium  headless browser for the report test (tests/evaluation/test_compare_report.py)
 # Nothing here is fatal: without a package the tests that need it are skipped with the reason.
 set -u
 SUDO=""

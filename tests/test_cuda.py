@@ -17,15 +17,15 @@ import torch
 DEVICE = os.environ.get("GENBENCH_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from genbench.diffusion import ddim_timesteps  # noqa: E402
-from genbench.trainer import train_run  # noqa: E402
-from test_diffusion import M, S, GaussianOracle, assert_moments, exact_ddim_moments, exact_ddpm_moments, make  # noqa: E402
+from genbench.core.samplers import ddim_sample, ddim_timesteps, ddpm_sample  # noqa: E402
+from genbench.training.run import train_run  # noqa: E402
+from tests.core.test_diffusion import M, S, GaussianOracle, assert_moments, exact_ddim_moments, exact_ddpm_moments, make  # noqa: E402
 
 # each model's tiny recipe from its own test module, so the GPU runs the same configurations as CPU CI
-import test_models_ddpm  # noqa: E402
-import test_models_ldm  # noqa: E402
-import test_models_vqgan  # noqa: E402
-import test_models_vqvae  # noqa: E402
+from tests.models import test_ddpm as test_models_ddpm  # noqa: E402
+from tests.models import test_ldm as test_models_ldm  # noqa: E402
+from tests.models import test_vqgan as test_models_vqgan  # noqa: E402
+from tests.models import test_vqvae as test_models_vqvae  # noqa: E402
 
 AE_VAE = ["arch=conv", "latent_dim=4", "width=16", "train.steps=20", "train.batch_size=64"]
 TINY_SETS = {
@@ -50,9 +50,9 @@ class DeviceOracle(GaussianOracle):
 def test_oracle_sampler_on_cuda_matches_exact_moments(sampler, kwargs):
     d = make(T=200, schedule="cosine")
     oracle = DeviceOracle(d.alphas_cumprod.numpy(), M, S)
-    fn = d.ddpm_sample if sampler == "ddpm" else d.ddim_sample
+    fn = ddpm_sample if sampler == "ddpm" else ddim_sample
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    x = fn(oracle, (20000, len(M)), generator=g, clip_x0=None, progress=False, **kwargs)
+    x = fn(d, oracle, (20000, len(M)), generator=g, clip_x0=None, progress=False, **kwargs)
     assert x.device.type == torch.device(DEVICE).type
     ab = d.alphas_cumprod.double().numpy()
     if sampler == "ddpm":
@@ -63,7 +63,7 @@ def test_oracle_sampler_on_cuda_matches_exact_moments(sampler, kwargs):
 
 
 def test_unet_on_cuda_matches_cpu():
-    from genbench.models.unet import UNet, UNetConfig
+    from genbench.nets.unet import UNet, UNetConfig
 
     torch.manual_seed(0)
     net = UNet(UNetConfig(base_channels=16, channel_mult=[1, 2, 4], num_res_blocks=1, attention_levels=[2],
@@ -78,7 +78,7 @@ def test_unet_on_cuda_matches_cpu():
 
 @pytest.fixture(scope="module")
 def gpu_env(tmp_path_factory):
-    import genbench.perceptual as perceptual
+    import genbench.nets.perceptual as perceptual
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GENBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
@@ -88,8 +88,8 @@ def gpu_env(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(TINY_SETS))
 def test_model_trains_samples_and_evaluates_on_cuda(name, gpu_env, tiny_digits, tmp_path):
-    from genbench.compare import EvalContext
-    from genbench.features import get_feature_network
+    from genbench.evaluation.protocol import EvalContext
+    from genbench.evaluation.features import get_feature_network
 
     run = train_run(name, tiny_digits, tmp_path / name, sets=TINY_SETS[name] + [f"train.device={DEVICE}"],
                     progress=False)

@@ -28,13 +28,15 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save as st_save
 
-from genbench.checkpoint import read_json, read_tensors
+from genbench.files import read_json, read_tensors
 from genbench.config import from_dict
 from genbench.data import ImageDataset, load_dataset
 from genbench.errors import GenbenchError
 from genbench.models.ae import AEConfig
 from genbench.models.vae import VAEConfig
-from genbench.trainer import Interrupted, TrainConfig, resolve_configs, train_run
+from genbench.training.config import TrainConfig
+from genbench.training.loop import Interrupted
+from genbench.training.run import resolve_configs, train_run
 
 TINY = ["latent_dim=4", "width=32", "arch=mlp", "train.steps=24", "train.batch_size=32",
         "train.ckpt_every=6", "train.log_every=4", "train.lr=1e-3", "train.ema_decay=0.5"]

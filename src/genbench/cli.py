@@ -1,4 +1,11 @@
-"""The `genbench` command line: train, sample, reconstruct, evaluate, models (and compare).
+"""The `genbench` command line: it parses arguments and calls the library, nothing else.
+
+    models                      genbench.models.available_models
+    train MODEL                 genbench.training.train_run (+ TrainedRun.write_images)
+    sample / reconstruct / evaluate RUN
+                                genbench.evaluation.trained_run.TrainedRun
+    compare                     genbench.evaluation.compare.run_comparison
+    features train              genbench.evaluation.features.get_feature_network
 
 Every user mistake (unknown model, bad --set, missing dataset, corrupt file) is a GenbenchError:
 printed as one line, exit code 2, no traceback.
@@ -8,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,8 +24,8 @@ import torch
 from .errors import GenbenchError
 
 
-def _dataset_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--dataset", required=required, help="digits | fashion-mnist | mnist | folder")
+def _dataset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="digits | fashion-mnist | mnist | folder")
     p.add_argument("--data-dir", default=None,
                    help="folder of the idx files (or images for 'folder'); default: $GENBENCH_DATA, "
                         "then /usr/share/datasets/<name> (Debian package dataset-fashion-mnist)")
@@ -27,46 +33,17 @@ def _dataset_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N train/test images")
 
 
-def dataset_spec(args) -> dict:
-    return {"name": args.dataset, "data_dir": args.data_dir, "image_size": args.image_size, "limit": args.limit}
+def _dataset_spec(args):
+    from .data import DatasetSpec
 
-
-def load_from_spec(spec: dict):
-    from .data import load_dataset
-
-    return load_dataset(spec["name"], data_dir=spec.get("data_dir"), image_size=spec.get("image_size"),
-                        limit=spec.get("limit"))
-
-
-def _run_info(run_dir: Path) -> dict:
-    from .checkpoint import read_json
-
-    if not run_dir.is_dir():
-        raise GenbenchError(f"{run_dir}: run folder not found")
-    info = read_json(run_dir / "run.json")
-    if info.get("status") != "complete" or not (run_dir / "model" / "config.json").exists():
-        raise GenbenchError(f"{run_dir}: training has not finished; continue it with `genbench train ... --resume`")
-    return info
-
-
-def _load_run(run_dir: Path, device: str):
-    from .checkpoint import load_pretrained
-    from .utils import select_device
-
-    info = _run_info(run_dir)
-    dev = select_device(device)
-    return info, load_pretrained(run_dir / "model", device=dev), dev
-
-
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+    return DatasetSpec(args.dataset, args.data_dir, args.image_size, args.limit)
 
 
 # ---------------------------------------------------------------- commands
 
 
 def cmd_models(args) -> int:
-    from .registry import available_models, get_model_class
+    from .models import available_models, get_model_class
 
     for name in available_models():
         cls = get_model_class(name)
@@ -77,14 +54,14 @@ def cmd_models(args) -> int:
 
 def cmd_train(args) -> int:
     """Train (or resume) a run. Under torchrun every process runs this; rank 0 alone writes the
-    run folder, the sample images and the final line (see genbench.distributed)."""
-    from . import distributed
-    from .registry import get_model_class
-    from .trainer import train_run
+    run folder, the sample images and the final line (see genbench.training.distributed)."""
+    from .evaluation.trained_run import TrainedRun
+    from .models import get_model_class
+    from .training import distributed, train_run
 
     get_model_class(args.model)  # unknown model: fail before loading data
-    spec = dataset_spec(args)
-    ds = load_from_spec(spec)
+    spec = _dataset_spec(args)
+    ds = spec.load()
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
     t0 = time.perf_counter()
     train_run(args.model, ds, out, preset=args.preset, sets=args.set, resume=args.resume,
@@ -92,39 +69,25 @@ def cmd_train(args) -> int:
     if not distributed.is_main_process():
         return 0
     if not args.no_images:
-        write_run_images(out, seed=args.seed)
+        TrainedRun(out).write_images(seed=args.seed)
     world = distributed.world_size()
     on = f" with {world} processes" if world > 1 else ""
     print(f"trained {args.model} on {args.dataset}{on} in {time.perf_counter() - t0:.1f}s -> {out}")
     return 0
 
 
-def write_run_images(run_dir: Path, seed: int = 0, n: int = 64, device: str = "auto") -> None:
-    """samples.png and (where the model reconstructs) reconstructions.png beside the run."""
-    from .images import save_grid
-
-    info, model, dev = _load_run(run_dir, device)
-    save_grid(model.sample(n, generator=_generator(dev, seed)), run_dir / "samples.png")
-    if hasattr(model, "reconstruct"):
-        ds = load_from_spec(info["dataset"])
-        x = ds.test[:32].to(dev)
-        with torch.no_grad():
-            pairs = torch.stack([x, model.reconstruct(x)], 1).flatten(0, 1)  # test / reconstruction interleaved
-        save_grid(pairs, run_dir / "reconstructions.png", nrow=8)
-
-
 def cmd_sample(args) -> int:
+    from .evaluation.trained_run import TrainedRun
     from .images import save_images
 
-    _, model, dev = _load_run(Path(args.run_dir), args.device)
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
         raise GenbenchError(f"{out}: --out must end in .png (image grid) or .npz (raw samples)")
     if args.n < 1:
         raise GenbenchError(f"-n must be >= 1, got {args.n}")
+    run = TrainedRun(args.run_dir, args.device)
     t0 = time.perf_counter()
-    images = torch.cat([model.sample(min(args.batch_size, args.n - i), generator=_generator(dev, args.seed + i))
-                        for i in range(0, args.n, args.batch_size)])
+    images = run.sample(args.n, seed=args.seed, batch_size=args.batch_size)
     dt = time.perf_counter() - t0
     save_images(images, out)
     print(f"{args.n} samples in {dt:.2f}s ({dt / args.n * 1000:.1f} ms/image) -> {out}")
@@ -132,42 +95,43 @@ def cmd_sample(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
+    from .evaluation.trained_run import TrainedRun, interleave
     from .images import save_grid
 
-    info, model, dev = _load_run(Path(args.run_dir), args.device)
-    if not hasattr(model, "reconstruct"):
-        raise GenbenchError(f"{info['model']} has no reconstruction (it does not encode images)")
-    x = load_from_spec(info["dataset"]).test[: args.n].to(dev)
-    with torch.no_grad():
-        x_hat = model.reconstruct(x)
+    run = TrainedRun(args.run_dir, args.device)
+    x, x_hat = run.reconstruct_test(args.n)
     mse = torch.mean((x_hat - x) ** 2).item()
-    out = Path(args.out or Path(args.run_dir) / "reconstructions.png")
-    save_grid(torch.stack([x, x_hat], 1).flatten(0, 1), out, nrow=8)
+    out = Path(args.out or run.run.reconstructions_png)
+    save_grid(interleave(x, x_hat), out, nrow=8)
     print(f"reconstruction MSE {mse:.5f} on {len(x)} test images -> {out}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .checkpoint import write_json
+    from .evaluation.trained_run import TrainedRun
 
-    run_dir = Path(args.run_dir)
-    info, model, dev = _load_run(run_dir, args.device)
-    test = load_from_spec(info["dataset"]).test
-    if args.limit:
-        test = test[: args.limit]
-    test = test.to(dev)
-    result = {"model": info["model"], "dataset": info["dataset"]["name"], "num_test_images": len(test)}
-    with torch.no_grad():
-        if hasattr(model, "reconstruct"):
-            rec = torch.cat([model.reconstruct(x) for x in test.split(500)])
-            result["reconstruction_mse"] = torch.mean((rec - test) ** 2).item()
-        evaluate = getattr(model, "evaluate", None)
-        if callable(evaluate):
-            result.update(evaluate(test, generator=_generator(dev, args.seed)))
-    result["training"] = info.get("summary", {})
-    text = json.dumps(result, indent=2)
-    print(text)
-    write_json(Path(args.out) if args.out else run_dir / "eval.json", result)
+    result = TrainedRun(args.run_dir, args.device).evaluate(limit=args.limit, seed=args.seed, out=args.out)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .evaluation.compare import run_comparison, split_model_sets
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    result = run_comparison(_dataset_spec(args), args.out, models=models, preset=args.preset,
+                            sets=split_model_sets(args.set), num_samples=args.num_samples,
+                            eval_limit=args.eval_limit, seed=args.seed, device=args.device, jobs=args.jobs,
+                            progress=not args.no_progress)
+    print(f"[compare] done in {result['wall_time_s']:.0f}s; report: {result['reports']['html']}")
+    return 0
+
+
+def cmd_features_train(args) -> int:
+    from .evaluation.features import get_feature_network
+
+    net = get_feature_network(_dataset_spec(args).load())
+    print(f"feature network for {args.dataset}: test accuracy {net.test_accuracy:.4f} ({net.directory})")
     return 0
 
 
@@ -217,31 +181,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
-    from .compare import add_compare_parser
 
-    add_compare_parser(sub)
+    p = sub.add_parser("compare", help="train/reuse several models, evaluate them identically, write a report")
+    _dataset_args(p)
+    p.add_argument("--models", default=None, help="comma-separated model names (default: every available model)")
+    p.add_argument("--preset", default="quick", help="quick | standard")
+    p.add_argument("--set", action="append", default=[], metavar="MODEL:KEY=VALUE",
+                   help="override a config field of one model, e.g. --set vae:latent_dim=8 (repeatable)")
+    p.add_argument("--out", default="runs/compare", help="folder of the runs and the report")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="samples per model for FD/KID/PRDC (default: 1000, or 5000 for the standard preset)")
+    p.add_argument("--eval-limit", type=int, default=None,
+                   help="test images for likelihood and reconstruction (default: all, at most 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="device of the evaluation (training: each model's train.device)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="models trained at once, each in its own process (default: cores / threads per "
+                        "process, e.g. 2 on a 2-core machine; 1 trains in this process)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("features", help="the feature network used by the evaluation")
+    fsub = p.add_subparsers(dest="features_command", required=True)
+    p = fsub.add_parser("train", help="train (or load from the cache) the feature network of a dataset")
+    _dataset_args(p)
+    p.set_defaults(func=cmd_features_train)
     return parser
 
 
-def default_threads() -> int:
-    """Intra-op threads: 1 on machines with at most 2 cores, else torch's default.
-
-    Measured on the 2-core development machine: with any other process running, 2 threads made
-    small-op training steps 5-20x slower than 1 (OpenMP workers spin waiting for a core), while
-    on an idle machine 1 thread costs little for these small models. GENBENCH_THREADS overrides."""
-    env = os.environ.get("GENBENCH_THREADS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise GenbenchError(f"GENBENCH_THREADS={env!r}: expected a positive integer") from None
-        if n < 1:
-            raise GenbenchError(f"GENBENCH_THREADS={env!r}: expected a positive integer")
-        return n
-    return 1 if (os.cpu_count() or 1) <= 2 else torch.get_num_threads()
-
-
 def main(argv: list[str] | None = None) -> int:
+    from .utils import default_threads
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -72,7 +72,7 @@ def _coerce(value: Any, tp, where: str):
             return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise GenbenchError(f"{where}: expected {len(args)} items, got {len(value)}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise GenbenchError(f"{where}: expected a list, got {value!r}")
@@ -92,10 +92,14 @@ def _coerce(value: Any, tp, where: str):
 
 def from_dict(cls, data: Any, where: str | None = None):
     """Build dataclass `cls` from a JSON-like dict: unknown keys, wrong types and invalid values
-    are refused with a message naming the field. Calls `validate()` when the class has one."""
+    are refused with a message naming the field. Calls `validate()` when the class has one; a class
+    whose fields were renamed maps the old names first in a static `upgrade_fields(dict) -> dict`."""
     where = where or cls.__name__
     if not isinstance(data, dict):
         raise GenbenchError(f"{where}: expected a mapping of fields, got {type(data).__name__}")
+    upgrade = getattr(cls, "upgrade_fields", None)  # configs saved by an older genbench: renamed fields
+    if callable(upgrade):
+        data = upgrade(dict(data))
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -167,3 +171,11 @@ def apply_sets(sections: dict[str, tuple[type, dict]], sets: typing.Iterable[str
             if not isinstance(target, dict):
                 raise GenbenchError(f"--set {item!r}: {p!r} is not a nested section")
         target[path[-1]] = value
+
+
+def check_at_least(obj, where: str, minimum, *names: str) -> None:
+    """Each named field of `obj` is >= `minimum`, else a GenbenchError naming it (`where`: whose config)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value < minimum:
+            raise GenbenchError(f"{where}: {name} must be >= {minimum}, got {value}")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from .errors import GenbenchError
-from .utils import atomic_write_bytes
+from .files import atomic_write_bytes
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1, min_side: int = 28) -> np.ndarray:

@@ -13,12 +13,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..errors import GenbenchError
-from ..gaussian import mvn_rsample
-from ..registry import register
-from .nets import make_decoder, make_encoder
+from ..config import check_at_least
+from ..core.gaussian import mvn_rsample
+from ..nets.autoencoders import make_decoder, make_encoder
+from .base import GenerativeModel, register
 
 
 @dataclass
@@ -30,22 +29,15 @@ class AEConfig:
     width: int = 32
 
     def validate(self) -> None:
-        for name in ("image_channels", "image_size", "latent_dim", "width"):
-            if getattr(self, name) < 1:
-                raise GenbenchError(f"ae config: {name} must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, "ae config", 1, "image_channels", "image_size", "latent_dim", "width")
 
 
 @register("ae")
-class AE(nn.Module):
+class AE(GenerativeModel):
     Config = AEConfig
     FAMILY = {"latent": "continuous vector (deterministic encoder; Gaussian fitted after training for sampling)"}
-    PRESETS = {
-        "quick": {"model": {"arch": "mlp", "latent_dim": 16, "width": 256},
-                  "train": {"steps": 1500, "batch_size": 128, "lr": 2e-3, "lr_schedule": "cosine", "log_every": 50}},
-        "standard": {"model": {"arch": "conv", "latent_dim": 32, "width": 16},
-                     "train": {"steps": 4000, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine",
-                               "warmup_steps": 200,  "log_every": 100, "ckpt_every": 1000}},
-    }
+    has_reconstruction = True
+    has_latent_space = True
 
     def __init__(self, config: AEConfig):
         super().__init__()
@@ -63,8 +55,11 @@ class AE(nn.Module):
     def decode(self, z):
         return torch.sigmoid(self.decoder(z))
 
-    def reconstruct(self, x):
-        return self.decode(self.encode(x))
+    def encode_latents(self, x, sample: bool = False):
+        return self.encode(x)
+
+    def decode_latents(self, z):
+        return self.decode(z)
 
     def loss(self, batch, step: int = 0, stage: str = "main"):
         x_hat = self.decode(self.encode(batch))
@@ -84,4 +79,4 @@ class AE(nn.Module):
         return self.decode(z)
 
     def evaluate(self, test_images, generator=None) -> dict:
-        return {"likelihood": None, "likelihood_note": "undefined: an auto-encoder has no density model"}
+        return {"bits_per_dim": None, "bpd_estimator": "undefined: an auto-encoder has no density model"}

@@ -1,14 +1,14 @@
 """Latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models").
 
-The diffusion process of pixel DDPM (genbench.diffusion, the same U-Net of models/unet.py) run on
-the compact latents of a pretrained autoencoder instead of on pixels. Two stages, trained one after
+The diffusion process of pixel DDPM (genbench.core.diffusion, the same U-Net of genbench.nets.unet)
+run on the compact latents of a pretrained autoencoder instead of on pixels. Two stages, trained one after
 the other by the shared trainer (each checkpointed and resumable):
 
 1. "first_stage": an autoencoder E, D, one of genbench's own models (`first_stage`):
    - "vqvae" / "vqgan" (the VQ-regularized variant, Rombach sec. 3.1): the diffusion runs on the
      continuous pre-quantization latents z = E(x) (B, code_dim, S/f, S/f); a sampled z is quantized
      by the codebook only when decoded, x = D(q(z)) (Rombach sec. 3.1: a VQGAN "with the
-     quantization layer absorbed by the decoder");
+     quantization layer absorbed by the decoder"): the VQ model's encode_latents / decode_latents;
    - "vae" (the KL-regularized variant, with a small beta): z ~ q(z|x) while training, the posterior
      mean when encoding. genbench's VAE has a vector latent (D,); it is laid out as a (D/k^2, k, k)
      grid with k the largest of 4, 3, 2, 1 such that k^2 divides D. The grid is only a layout: the
@@ -34,8 +34,8 @@ the other by the shared trainer (each checkpointed and resumable):
    latents would need indices of the trainer's batches, and the encoder pass is part of the honest
    training cost of an LDM.
 
-Sampling: z_T ~ N(0, I) of the latent shape -> DDIM (default) or DDPM in latent space, with no x0
-clipping (latents are unbounded, unlike [-1, 1] pixels) -> z / s -> (quantize) -> decoder -> [0, 1].
+Sampling: z_T ~ N(0, I) of the latent shape -> the configured sampler (genbench.core.samplers) in
+latent space, with no x0 clipping (latents are unbounded, unlike [-1, 1] pixels) -> z / s -> (quantize) -> decoder -> [0, 1].
 
 Likelihood: not reported (bits_per_dim is None). The diffusion bound here is a bound on a density of
 continuous, rescaled latents, not a probability of 8-bit pixels, and the VQ decoder is deterministic;
@@ -54,16 +54,15 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..checkpoint import load_pretrained, load_state, read_json
-from ..config import from_dict, to_dict
-from ..diffusion import DiffusionConfig, GaussianDiffusion
+from ..config import check_at_least, from_dict, to_dict
+from ..core import samplers
+from ..core.diffusion import DiffusionConfig, GaussianDiffusion
+from ..core.samplers import SamplerConfig, upgrade_sampler_fields
 from ..errors import GenbenchError
-from ..gaussian import reparameterize
-from ..registry import get_model_class, register
-from .ddpm import _eval_mode
-from .unet import UNet, UNetConfig
+from ..nets.unet import UNet, UNetConfig
+from .base import (GenerativeModel, eval_mode, get_model_class, load_state, pretrained_folder, read_pretrained_config,
+                   register)
 
-VQ_KINDS = ("vqvae", "vqgan")
 UNUSED_SUBMODULES = ("prior",)  # a VQ model's autoregressive prior: the diffusion model replaces it
 
 # Largest sqrt(1 / alpha_bar_T) accepted with eps-prediction. The x0 estimate
@@ -89,25 +88,20 @@ class LDMConfig:
     scale_images: int = 10_000  # training images encoded to measure the scale factor
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(channel_mult=(1, 2), attention_levels=(1,)))
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    sample_steps: int = 50  # DDIM steps (the DDPM sampler always takes num_timesteps)
-    eta: float = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    upgrade_fields = staticmethod(upgrade_sampler_fields)
     eval_images: int = 2000  # test images used by evaluate()
 
     def validate(self) -> None:
-        for name in ("image_channels", "image_size", "scale_images", "sample_steps", "eval_images"):
-            if getattr(self, name) < 1:
-                raise GenbenchError(f"ldm config: {name} must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, "ldm config", 1, "image_channels", "image_size", "scale_images", "eval_images")
         if self.scale_factor is not None and not self.scale_factor > 0:
             raise GenbenchError(f"ldm config: scale_factor must be > 0 (or null to measure it), got {self.scale_factor}")
-        if self.eta < 0:
-            raise GenbenchError(f"ldm config: eta must be >= 0, got {self.eta}")
         try:
             self.unet.validate()
             self.diffusion.validate()
+            self.sampler.validate(self.diffusion.num_timesteps)
         except GenbenchError as e:
             raise GenbenchError(f"ldm config: {e}") from None
-        T = self.diffusion.num_timesteps
         gain = float(GaussianDiffusion(self.diffusion).sqrt_recip_alphas_cumprod[-1])
         if self.diffusion.prediction == "eps" and gain > MAX_X0_GAIN:
             raise GenbenchError(
@@ -115,8 +109,6 @@ class LDMConfig:
                 f"error by 1/sqrt(alpha_bar_T) = {gain:.3g} (> {MAX_X0_GAIN:g}), and latents are not clipped "
                 "like pixels; use diffusion.schedule=linear or diffusion.prediction=v"
             )
-        if self.sample_steps > T:
-            raise GenbenchError(f"ldm config: sample_steps ({self.sample_steps}) must be <= diffusion.num_timesteps ({T})")
         if self.first_stage_run is not None:
             self.run_first_stage_config()  # the run exists, holds the right kind, fits the images
         else:
@@ -138,16 +130,13 @@ class LDMConfig:
     def run_first_stage_config(self):
         """(model folder, config) of the first stage in `first_stage_run`, checked against this LDM."""
         folder = first_stage_folder(self.first_stage_run)
-        meta = read_json(folder / "config.json")
-        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-            raise GenbenchError(f"ldm config: first_stage_run: {folder / 'config.json'} is not a genbench model config")
-        if meta.get("model") != self.first_stage:
+        cls, cfg = read_pretrained_config(folder)
+        if cls.name != self.first_stage:
             raise GenbenchError(
-                f"ldm config: first_stage_run {self.first_stage_run!r} holds a {meta.get('model')!r} model, "
-                f"but first_stage is {self.first_stage!r} (set first_stage={meta.get('model')} or point at a "
+                f"ldm config: first_stage_run {self.first_stage_run!r} holds a {cls.name!r} model, "
+                f"but first_stage is {self.first_stage!r} (set first_stage={cls.name} or point at a "
                 f"{self.first_stage} run)"
             )
-        cfg = from_dict(get_model_class(self.first_stage).Config, meta["config"], where=f"{folder / 'config.json'}: config")
         theirs, ours = (cfg.image_channels, cfg.image_size), (self.image_channels, self.image_size)
         if theirs != ours:
             raise GenbenchError(
@@ -159,14 +148,13 @@ class LDMConfig:
 
 def first_stage_folder(run: str) -> Path:
     """The exported model folder of a finished run (`<run>/model`), or `run` itself if it is one."""
-    path = Path(run)
-    for folder in (path / "model", path):
-        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-            return folder
-    hint = " (the run has not finished: complete it with `genbench train ... --resume`)" if (path / "run.json").exists() else ""
+    folder = pretrained_folder(run)
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
     raise GenbenchError(
-        f"ldm config: first_stage_run {run!r} is not a finished run folder: no {path / 'model' / 'config.json'} "
-        f"and model.safetensors{hint}"
+        f"ldm config: first_stage_run {run!r} is not a finished run folder: it holds no exported model "
+        "(config.json and model.safetensors, directly or in model/); finish its training with "
+        "`genbench train ... --resume`"
     )
 
 
@@ -176,85 +164,14 @@ def vector_grid(dim: int) -> tuple[int, int, int]:
     return dim // (k * k), k, k
 
 
-# ----------------------------------------------------------------------------- the model
-
-_VQ_QUICK = {"downsample": 2, "width": 32, "n_res_blocks": 1, "codebook_size": 128, "code_dim": 4,
-             "dead_code_steps": 100, "init_images": 1024}
-_VQ_STANDARD = {"downsample": 4, "width": 128, "n_res_blocks": 2, "codebook_size": 512, "code_dim": 4,
-                "dead_code_steps": 200, "init_images": 2048}
-_FIRST_STAGE_QUICK = {
-    # digits 8x8, f = 2: a 4x4x4 latent (64 numbers, as many as the pixels; the compression shows on
-    # larger images), codebook of 128 four-dimensional codes
-    "vqvae": _VQ_QUICK,
-    # the same autoencoder plus the VQ-GAN quick preset's PatchGAN (train it with
-    # --set train.stages.first_stage.beta1=0.5 --set train.stages.first_stage.beta2=0.9, taming's GAN betas)
-    "vqgan": {**_VQ_QUICK, "disc_width": 32, "disc_layers": 2, "disc_start": 300},
-    "vae": {"arch": "mlp", "latent_dim": 16, "width": 256, "beta": 0.01},
-}
-_FIRST_STAGE_STANDARD = {
-    # Fashion-MNIST 28x28, f = 4: a 4x7x7 latent (196 numbers for 784 pixels)
-    "vqvae": _VQ_STANDARD,
-    "vqgan": {**_VQ_STANDARD, "disc_width": 64, "disc_layers": 2, "disc_start": 1000},
-    "vae": {"arch": "conv", "latent_dim": 64, "width": 32, "beta": 0.01},
-}
-
-
-# The U-Net: 32/64 channels at the latent side and half of it, two residual blocks per level,
-# attention at the coarse level and in the middle. On a 4x7x7 latent (padded to 8x8) it costs
-# 46 MFLOP per forward, a third of DDPM's standard pixel U-Net (147 MFLOP at 28x28), with
-# 1.5x its parameters (benchmarks/bench_ldm_vs_ddpm.py).
-_UNET = {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 2, "attention_levels": [1],
-         "num_heads": 4, "dropout": 0.1}
-
-# Ho et al.'s linear schedule (beta 1e-4 .. 0.02, T = 1000; Rombach et al. use linear schedules too),
-# not DDPM's cosine: see MAX_X0_GAIN
-_DIFFUSION = {"num_timesteps": 1000, "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
-
-
 @register("ldm")
-class LDM(nn.Module):
+class LDM(GenerativeModel):
     Config = LDMConfig
     FAMILY = {"latent": "continuous latent grid of a frozen autoencoder (VQ pre-quantization or VAE), "
                         "scaled to unit std; T-step Gaussian denoising chain there, decoded once"}
     stages = ("first_stage", "diffusion")
-    PRESETS = {
-        # digits: a 4x4x4 latent, U-Net levels 4x4 and 2x2
-        "quick": {
-            "model": {**_FIRST_STAGE_QUICK, "unet": _UNET, "diffusion": _DIFFUSION, "sample_steps": 50},
-            "train": {
-                "batch_size": 64, "log_every": 50, "ckpt_every": 500,
-                "stages": {
-                    # the VQ-VAE quick autoencoder recipe (no parameter EMA: the codebook is a buffer)
-                    "first_stage": {"steps": 800, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50,
-                                    "lr_schedule": "cosine"},
-                    # DDPM's quick recipe
-                    "diffusion": {"steps": 1500, "batch_size": 48, "lr": 1e-3, "warmup_steps": 100,
-                                  "grad_clip": 1.0, "ema_decay": 0.995, "bf16": True},
-                },
-            },
-        },
-        # Fashion-MNIST: a 4x7x7 latent, U-Net levels 8x8 (padded) and 4x4; the diffusion stage uses
-        # DDPM's standard training recipe (steps, batch, lr, EMA); the schedule is linear (see MAX_X0_GAIN)
-        "standard": {
-            "model": {**_FIRST_STAGE_STANDARD, "unet": _UNET, "diffusion": _DIFFUSION, "sample_steps": 50},
-            "train": {
-                "batch_size": 64, "log_every": 50, "ckpt_every": 500,
-                "stages": {
-                    # the VQ-VAE standard autoencoder recipe
-                    "first_stage": {"steps": 2000, "batch_size": 128, "lr": 1e-3, "warmup_steps": 100,
-                                    "lr_schedule": "cosine", "log_every": 100},
-                    "diffusion": {"steps": 2000, "lr": 1e-3, "warmup_steps": 200, "grad_clip": 1.0,
-                                  "ema_decay": 0.995, "bf16": True},
-                },
-            },
-        },
-    }
-    # the VQ models' grid per dataset: 7x7 for 28x28 images, 4x4 for 8x8 digits
-    DATASET_PRESETS = {
-        ("quick", "fashion-mnist"): {"model": {"vqvae": {"downsample": 4}, "vqgan": {"downsample": 4}}},
-        ("quick", "mnist"): {"model": {"vqvae": {"downsample": 4}, "vqgan": {"downsample": 4}}},
-        ("standard", "digits"): {"model": {"vqvae": {"downsample": 2}, "vqgan": {"downsample": 2}}},
-    }
+    has_reconstruction = True
+    has_latent_space = True
 
     def __init__(self, config: LDMConfig):
         super().__init__()
@@ -275,10 +192,12 @@ class LDM(nn.Module):
         for name in UNUSED_SUBMODULES:
             if isinstance(getattr(self.first_stage, name, None), nn.Module):
                 setattr(self.first_stage, name, None)
-        fs_stages = tuple(getattr(self.first_stage, "stages", ("main",)))
-        self.first_stage_train_stage = fs_stages[0]  # its autoencoder stage
-        with torch.no_grad(), _eval_mode(self.first_stage):
+        if not self.first_stage.has_latent_space:
+            raise GenbenchError(f"ldm config: first_stage {config.first_stage!r} has no continuous latent space")
+        self.first_stage_train_stage = self.first_stage.stages[0]  # its autoencoder stage
+        with torch.no_grad(), eval_mode(self.first_stage):
             probe = torch.zeros(1, config.image_channels, config.image_size, config.image_size)
+            self.first_stage_latent_ndim = self.first_stage.encode_latents(probe).ndim - 1
             self.latent_shape: tuple[int, ...] = tuple(self.first_stage_encode(probe).shape[1:])
         self.unet = UNet(config.unet, self.latent_shape[0])
         self.unet._padding(*self.latent_shape[1:])  # a latent too small for the U-Net's levels: fail now
@@ -290,27 +209,21 @@ class LDM(nn.Module):
     # ------------------------------------------------------------------ the first stage's latents
 
     def first_stage_encode(self, x: Tensor, sample: bool = False) -> Tensor:
-        """Unscaled latents (B, *latent_shape) of images x in [0, 1]: the VQ models' pre-quantization
-        E(x), or the VAE's posterior mean (a draw z ~ q(z|x) with `sample`), laid out as a grid."""
-        fs = self.first_stage
-        if self.config.first_stage in VQ_KINDS:
-            encode = getattr(fs, "encode_latents", None)
-            return encode(x) if callable(encode) else fs.encoder(x)
-        mean, log_var = fs.posterior(x)
-        z = reparameterize(mean, log_var) if sample else mean
-        c, h, w = vector_grid(z.shape[1])
-        return rearrange(z, "b (c h w) -> b c h w", c=c, h=h, w=w)
+        """Unscaled latents (B, *latent_shape) of images x in [0, 1]: the first stage's continuous
+        latents (encode_latents: a VQ model's pre-quantization E(x), the VAE's posterior mean or, with
+        `sample`, a draw z ~ q(z|x)); a vector latent is laid out as a grid (see vector_grid)."""
+        z = self.first_stage.encode_latents(x, sample=sample)
+        if z.ndim == 2:
+            c, h, w = vector_grid(z.shape[1])
+            z = rearrange(z, "b (c h w) -> b c h w", c=c, h=h, w=w)
+        return z
 
     def first_stage_decode(self, z: Tensor) -> Tensor:
-        """Images in [0, 1] from unscaled latents: D(q(z)) for VQ models (nearest codes, then the
-        decoder, exactly the VQ model's own reconstruction path), D(z) for the VAE."""
-        fs = self.first_stage
-        if self.config.first_stage in VQ_KINDS:
-            decode = getattr(fs, "decode_latents", None)
-            if callable(decode):
-                return decode(z)
-            return fs.decoder(fs.quantizer.indices_to_codes(fs.quantizer.lookup(z))).float().clamp(0, 1)
-        return fs.decode(rearrange(z, "b c h w -> b (c h w)"))
+        """Images in [0, 1] from unscaled latents: the first stage's decode_latents (for VQ models the
+        nearest codes, then the decoder, exactly their own reconstruction path)."""
+        if self.first_stage_latent_ndim == 1:
+            z = rearrange(z, "b c h w -> b (c h w)")
+        return self.first_stage.decode_latents(z)
 
     def _require_scale(self) -> None:
         if not bool(self.latent_scale_set):
@@ -329,25 +242,26 @@ class LDM(nn.Module):
         self._require_scale()
         return self.first_stage_decode(z / self.latent_scale)
 
-    def reconstruct(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+    def encode_latents(self, x: Tensor, sample: bool = False) -> Tensor:
+        """The LDM's latent space is the scaled first-stage latent the diffusion runs in."""
+        return self.encode(x)
+
+    def decode_latents(self, z: Tensor) -> Tensor:
+        return self.decode(z)
 
     # ------------------------------------------------------------------ training
 
-    def _check_stage(self, stage: str) -> None:
-        if stage not in self.stages:
-            loaded = f" (the first stage is loaded from {self._first_stage_source}, not trained)" \
-                if stage == "first_stage" and self._first_stage_source is not None else ""
-            raise GenbenchError(f"ldm: unknown stage {stage!r}; stages are {list(self.stages)}{loaded}")
+    def check_stage(self, stage: str) -> None:
+        if stage == "first_stage" and self._first_stage_source is not None:
+            raise GenbenchError(f"ldm: unknown stage {stage!r}; stages are {list(self.stages)} "
+                                f"(the first stage is loaded from {self._first_stage_source}, not trained)")
+        super().check_stage(stage)
 
     def optimizer_groups(self, stage: str = "diffusion") -> dict[str, list[nn.Parameter]]:
-        self._check_stage(stage)
+        self.check_stage(stage)
         if stage == "diffusion":
             return {"main": list(self.unet.parameters())}
-        groups = getattr(self.first_stage, "optimizer_groups", None)
-        if callable(groups):
-            return groups(self.first_stage_train_stage)
-        return {"main": [p for p in self.first_stage.parameters() if p.requires_grad]}
+        return self.first_stage.optimizer_groups(self.first_stage_train_stage)
 
     @torch.no_grad()
     def prepare_stage(self, stage: str, train_images: Tensor) -> None:
@@ -355,11 +269,9 @@ class LDM(nn.Module):
         initialisation). diffusion: copy the weights of `first_stage_run` if it was given, then
         measure the latent scale factor s = 1 / std of the latents of up to `scale_images` random
         training images (global RNG)."""
-        self._check_stage(stage)
+        self.check_stage(stage)
         if stage == "first_stage":
-            prepare = getattr(self.first_stage, "prepare_stage", None)
-            if callable(prepare):
-                prepare(self.first_stage_train_stage, train_images)
+            self.first_stage.prepare_stage(self.first_stage_train_stage, train_images)
             return
         if self._first_stage_source is not None:
             self._load_first_stage(self._first_stage_source)
@@ -379,13 +291,13 @@ class LDM(nn.Module):
         self.config.scale_factor = float(self.latent_scale)
 
     def _load_first_stage(self, folder: Path) -> None:
-        """Copy the first stage's weights from an exported model folder (hash-checked by load_pretrained)."""
-        loaded = load_pretrained(folder)
+        """Copy the first stage's weights from an exported model folder (hash-checked by from_pretrained)."""
+        loaded = GenerativeModel.from_pretrained(folder)
         state = {k: v for k, v in loaded.state_dict().items() if k.split(".")[0] not in UNUSED_SUBMODULES}
         load_state(self.first_stage, state, folder / "model.safetensors")
 
     def loss(self, batch: Tensor, step: int = 0, stage: str = "diffusion") -> dict[str, Tensor]:
-        self._check_stage(stage)
+        self.check_stage(stage)
         if stage == "first_stage":
             return self.first_stage.loss(batch, step=step, stage=self.first_stage_train_stage)
         with torch.no_grad():  # the first stage is frozen
@@ -407,19 +319,15 @@ class LDM(nn.Module):
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n scaled latents from the reverse process (config sampler), no x0 clipping."""
         self._require_scale()
-        c = self.config
-        kw = dict(generator=generator, clip_x0=None, progress=False, device=self.latent_scale.device)
-        shape = (n, *self.latent_shape)
-        with _eval_mode(self):
-            if c.sampler == "ddim":
-                return self.diffusion.ddim_sample(self.unet, shape, steps=c.sample_steps, eta=c.eta, **kw)
-            return self.diffusion.ddpm_sample(self.unet, shape, **kw)
+        with eval_mode(self):
+            return samplers.sample(self.diffusion, self.unet, (n, *self.latent_shape), self.config.sampler,
+                                   generator=generator, clip_x0=None, device=self.latent_scale.device)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n images in [0, 1]: latents from the reverse process, unscaled, (quantized,) decoded."""
         z = self.sample_latents(n, generator)
-        with _eval_mode(self):
+        with eval_mode(self):
             return self.decode(z)
 
     @torch.no_grad()
@@ -428,7 +336,7 @@ class LDM(nn.Module):
         c = self.config
         x = test_images[: c.eval_images]
         sq_err, zs, losses = 0.0, [], []
-        with _eval_mode(self):
+        with eval_mode(self):
             for xb in x.split(batch_size):
                 z = self.encode(xb)
                 sq_err += float((self.decode(z) - xb).pow(2).sum())
@@ -436,8 +344,6 @@ class LDM(nn.Module):
                 zs.append(z)
         z = torch.cat(zs)
         latent_dims = math.prod(self.latent_shape)
-        sampler = f"DDIM, {c.sample_steps} steps, eta {c.eta}" if c.sampler == "ddim" else \
-            f"DDPM ancestral, {c.diffusion.num_timesteps} steps"
         return {
             "bits_per_dim": None,
             "bpd_estimator": (
@@ -452,5 +358,5 @@ class LDM(nn.Module):
             "test_latent_mean": float(z.mean()),
             "test_latent_std": float(z.std()),
             "test_diffusion_loss": float(sum(losses) / len(x)),
-            "sampler": f"{sampler}, in latent space, no clipping",
+            "sampler": f"{c.sampler.describe(c.diffusion.num_timesteps)}, in latent space, no clipping",
         }

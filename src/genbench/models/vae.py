@@ -25,20 +25,22 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..errors import GenbenchError
-from ..gaussian import (
+from ..config import check_at_least
+from ..core.gaussian import (
     bernoulli_log_prob,
     diag_normal_log_prob,
     discretized_gaussian_log_likelihood,
     gaussian_log_likelihood,
     iwae_log_likelihood,
     kl_to_standard_normal,
+    nats_to_bits_per_dim,
     reparameterize,
     standard_normal_log_prob,
     sum_except_batch,
 )
-from ..registry import register
-from .nets import make_decoder, make_encoder
+from ..errors import GenbenchError
+from ..nets.autoencoders import make_decoder, make_encoder
+from .base import GenerativeModel, register
 
 
 @dataclass
@@ -55,9 +57,7 @@ class VAEConfig:
     iwae_samples: int = 100  # K of the importance-weighted bound in evaluate()
 
     def validate(self) -> None:
-        for name in ("image_channels", "image_size", "latent_dim", "width", "iwae_samples"):
-            if getattr(self, name) < 1:
-                raise GenbenchError(f"vae config: {name} must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, "vae config", 1, "image_channels", "image_size", "latent_dim", "width", "iwae_samples")
         if self.obs_std <= 0:
             raise GenbenchError(f"vae config: obs_std must be > 0, got {self.obs_std}")
         if self.beta < 0:
@@ -65,18 +65,11 @@ class VAEConfig:
 
 
 @register("vae")
-class VAE(nn.Module):
+class VAE(GenerativeModel):
     Config = VAEConfig
     FAMILY = {"latent": "continuous vector, Gaussian posterior q(z|x), prior N(0, I)"}
-    PRESETS = {
-        "quick": {"model": {"arch": "mlp", "latent_dim": 16, "width": 256},
-                  "train": {"steps": 2000, "batch_size": 128, "lr": 2e-3, "lr_schedule": "cosine",
-                            "warmup_steps": 100, "grad_clip": 100.0, "log_every": 50}},
-        "standard": {"model": {"arch": "conv", "latent_dim": 32, "width": 16},
-                     "train": {"steps": 4000, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine",
-                               "warmup_steps": 200, "grad_clip": 100.0,
-                               "log_every": 100, "ckpt_every": 1000}},
-    }
+    has_reconstruction = True
+    has_latent_space = True
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -112,10 +105,17 @@ class VAE(nn.Module):
         return torch.sigmoid(out) if self.config.likelihood == "bernoulli" else out.clamp(0, 1)
 
     def encode(self, x):
+        """The posterior mean: the deterministic code of x."""
         return self.posterior(x)[0]
 
-    def reconstruct(self, x):
-        return self.decode(self.encode(x))
+    def encode_latents(self, x, sample: bool = False):
+        """The posterior mean, or with `sample` a draw z ~ q(z|x) (reparameterized, global RNG)."""
+        if not sample:
+            return self.encode(x)
+        return reparameterize(*self.posterior(x))
+
+    def decode_latents(self, z):
+        return self.decode(z)
 
     # ---- training and evaluation
 
@@ -168,8 +168,8 @@ class VAE(nn.Module):
         return {
             "test_elbo_nats": elbo,
             f"test_iwae{k}_nats": iwae,
-            "test_elbo_bits_per_dim": -elbo / (dims * math.log(2)),
-            "bits_per_dim": -iwae / (dims * math.log(2)),
+            "test_elbo_bits_per_dim": nats_to_bits_per_dim(-elbo, dims),
+            "bits_per_dim": nats_to_bits_per_dim(-iwae, dims),
             "bpd_estimator": f"IWAE bound, K={k} (Burda et al. 2016)",
             "likelihood_note": note,
         }

@@ -18,9 +18,9 @@ Before `disc_start` the discriminator is not run at all and "loss_disc" is a zer
 of its parameters, so their gradients stay None and AdamW leaves them (and its moments) untouched:
 the discriminator starts from its initialisation, with a fresh Adam, at `disc_start`.
 
-d_perc is genbench.perceptual: an LPIPS-style distance on a small VGG trained by self-supervised
-rotation prediction on the training images (ImageNet VGG weights are not available offline) -
-a different network and objective from the evaluation feature network of genbench.features. It is
+d_perc is genbench.core.losses.lpips_distance on genbench.nets.perceptual's small VGG, trained by
+self-supervised rotation prediction on the training images (ImageNet VGG weights are not available
+offline) - a different network and objective from the evaluation classifier (genbench.nets.classifier). It is
 trained (or loaded from its cache) in prepare_stage and kept outside the module tree, so it is
 neither trained nor saved with the model; buffers record which network was used (sha256 of its
 weights and of the images it was trained on), and a resumed run reloads it from the cache and
@@ -32,24 +32,26 @@ Stage "prior", sampling, finish_training and the bits/dim bound are the VQ-VAE's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import merge
+from ..config import check_at_least
+from ..core.losses import adaptive_weight, discriminator_loss, generator_loss
 from ..errors import GenbenchError
-from ..perceptual import (PerceptualNetConfig, PerceptualNetwork, cache_entry, get_perceptual_network, load_cached,
-                          load_perceptual_weights)
-from ..registry import register
-from .discriminator import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
+from ..nets.discriminator import PatchDiscriminator
+from ..nets.perceptual import (PerceptualNetConfig, PerceptualNetwork, cache_entry, get_perceptual_network,
+                               load_cached, load_perceptual_weights)
+from .base import register
 from .vqvae import VQVAE, VQVAEConfig
 
 
 @dataclass
 class VQGANConfig(VQVAEConfig):
-    # PatchGAN discriminator (genbench.models.discriminator)
+    kind: ClassVar[str] = "vqgan"
+    # PatchGAN discriminator (genbench.nets.discriminator)
     disc_width: int = 64
     disc_layers: int = 3
     disc_norm: Literal["group", "none"] = "group"
@@ -60,57 +62,22 @@ class VQGANConfig(VQVAEConfig):
     # reconstruction and perceptual terms
     rec_loss: Literal["l1", "l2"] = "l1"
     perceptual_weight: float = 1.0  # 0 disables the perceptual term (no perceptual network needed)
-    perceptual_weights_path: str = ""  # plug-in safetensors weights for genbench.perceptual.PerceptualVGG
+    perceptual_weights_path: str = ""  # plug-in safetensors weights for genbench.nets.perceptual.PerceptualVGG
 
     def validate(self) -> None:
-        try:
-            super().validate()
-        except GenbenchError as e:  # the parent names itself; this is a vqgan config
-            raise GenbenchError(str(e).replace("vqvae config", "vqgan config", 1)) from None
-        for name in ("disc_width", "disc_layers"):
-            if getattr(self, name) < 1:
-                raise GenbenchError(f"vqgan config: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("disc_start", "disc_weight", "disc_factor", "perceptual_weight"):
-            if getattr(self, name) < 0:
-                raise GenbenchError(f"vqgan config: {name} must be >= 0, got {getattr(self, name)}")
-
-
-_AE_STAGE = {"beta1": 0.5, "beta2": 0.9}  # taming's Adam betas for both optimizers: a GAN needs short memory
-
-_STANDARD = VQVAE.PRESETS["standard"]
+        super().validate()
+        check_at_least(self, "vqgan config", 1, "disc_width", "disc_layers")
+        check_at_least(self, "vqgan config", 0, "disc_start", "disc_weight", "disc_factor", "perceptual_weight")
 
 
 @register("vqgan")
 class VQGAN(VQVAE):
     Config = VQGANConfig
-    stages = ("autoencoder", "prior")
     FAMILY = {
         "latent": "discrete code grid (S/f x S/f indices into a K-entry codebook) like VQ-VAE; decoder trained "
                   "with L1 + perceptual (self-supervised rotation-prediction VGG, not the evaluation network) "
                   "+ adaptive-weight PatchGAN hinge loss; transformer prior over the raster-scanned codes"
     }
-    PRESETS = {
-        # digits 8x8: the VQ-VAE quick autoencoder and prior, a 2-layer PatchGAN (2x2 patch logits)
-        # switched on after 300 of 800 steps. One CPU thread, batch 128: ~80 ms per step before the
-        # discriminator starts, ~150 ms after (the VQ-VAE: ~35 ms), + ~15 s for the perceptual network
-        "quick": {
-            "model": merge(VQVAE.PRESETS["quick"]["model"], {
-                "disc_width": 16, "disc_layers": 2, "disc_start": 300, "perceptual_weight": 1.0,
-            }),
-            "train": merge(VQVAE.PRESETS["quick"]["train"], {"stages": {"autoencoder": _AE_STAGE}}),
-        },
-        # Fashion-MNIST 28x28: the VQ-VAE standard preset's grid (7x7), codebook (512 x 64), conv
-        # nets, prior and step counts, so the two compare like for like; a 2-layer PatchGAN of
-        # width 32 (5x5 patch logits) from step 1000 of 2000. One CPU thread, batch 128: ~1.6 s per
-        # step before the discriminator starts, ~2.4 s after (the VQ-VAE: ~1.1 s); width 64 costs 3.3 s
-        "standard": {
-            "model": merge(_STANDARD["model"], {
-                "disc_width": 32, "disc_layers": 2, "disc_start": 1000, "perceptual_weight": 1.0,
-            }),
-            "train": merge(_STANDARD["train"], {"stages": {"autoencoder": _AE_STAGE}}),
-        },
-    }
-    DATASET_PRESETS = VQVAE.DATASET_PRESETS  # the same grid per dataset as the VQ-VAE
 
     def __init__(self, config: VQGANConfig):
         super().__init__(config)
@@ -193,7 +160,7 @@ class VQGAN(VQVAE):
             return f"user weights {self.config.perceptual_weights_path} (sha256 {weights[:16]}), LPIPS-style distance"
         images = bytes(self.perceptual_images_sha256.tolist()).hex()
         return (
-            f"genbench.perceptual: VGG-style CNN trained by self-supervised rotation prediction on the "
+            f"genbench.nets.perceptual: VGG-style CNN trained by self-supervised rotation prediction on the "
             f"training images (sha256 {images[:16]}), weights sha256 {weights[:16]}, held-out rotation "
             f"accuracy {float(self.perceptual_accuracy):.3f}; LPIPS-style distance, uniform layer weights; "
             "not the evaluation feature network"
@@ -222,7 +189,7 @@ class VQGAN(VQVAE):
         self.set_perceptual_network(net)
 
     def loss(self, batch: Tensor, step: int = 0, stage: str = "autoencoder") -> dict[str, Tensor]:
-        self._check_stage(stage)
+        self.check_stage(stage)
         if stage == "prior":
             return super().loss(batch, step, stage)
         c = self.config
@@ -260,10 +227,6 @@ class VQGAN(VQVAE):
             "commitment": q.commitment_loss, "codebook_loss": q.codebook_loss,
             "perplexity": q.perplexity, "usage": q.usage, "window_usage": q.window_usage,
         }
-
-    def _check_stage(self, stage: str) -> None:
-        if stage not in self.stages:
-            raise GenbenchError(f"vqgan: unknown stage {stage!r}; stages are {list(self.stages)}")
 
     # ------------------------------------------------------------------ evaluation
 

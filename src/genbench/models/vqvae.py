@@ -30,28 +30,31 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..config import check_at_least
+from ..core.gaussian import discretized_gaussian_log_likelihood
+from ..core.quantizer import QuantizerConfig, VectorQuantizer, codebook_stats, histogram_stats
 from ..errors import GenbenchError
-from ..gaussian import discretized_gaussian_log_likelihood
-from ..registry import register
-from .quantizer import QuantizerConfig, VectorQuantizer, codebook_stats, histogram_stats
-from .transformer import TransformerConfig, TransformerPrior
+from ..nets.autoencoders import GridDecoder, GridEncoder
+from ..nets.transformer import TransformerConfig, TransformerPrior
+from .base import GenerativeModel, register
 
 
 @dataclass
 class VQVAEConfig:
+    kind: ClassVar[str] = "vqvae"  # names the config in its error messages
     image_channels: int = 1
     image_size: int = 8
     downsample: int = 2  # f: the code grid is (S/f) x (S/f); a power of 2 (1 = no downsampling)
     width: int = 64  # conv channels at the code grid; halved per 2x finer level (min 8)
     n_res_blocks: int = 2
-    # quantizer (genbench.models.quantizer.QuantizerConfig)
+    # quantizer (genbench.core.quantizer.QuantizerConfig)
     codebook_size: int = 512
     code_dim: int = 64
     beta: float = 0.25
@@ -60,7 +63,7 @@ class VQVAEConfig:
     codebook_init: Literal["kmeans++", "random", "uniform"] = "kmeans++"
     dead_code_steps: int = 200
     init_images: int = 1024  # training images whose encoder outputs initialise the codebook
-    # prior (genbench.models.transformer.TransformerConfig)
+    # prior (genbench.nets.transformer.TransformerConfig)
     prior_layers: int = 4
     prior_heads: int = 4
     prior_embd: int = 128
@@ -70,28 +73,23 @@ class VQVAEConfig:
     fit_images: int = 2000  # training images used to fit the decoder std in finish_training
 
     def validate(self) -> None:
-        for name in ("image_channels", "image_size", "downsample", "width", "codebook_size", "code_dim",
-                     "init_images", "prior_layers", "prior_heads", "prior_embd", "fit_images"):
-            if getattr(self, name) < 1:
-                raise GenbenchError(f"vqvae config: {name} must be >= 1, got {getattr(self, name)}")
+        where = f"{self.kind} config"
+        check_at_least(self, where, 1, "image_channels", "image_size", "downsample", "width", "codebook_size",
+                       "code_dim", "init_images", "prior_layers", "prior_heads", "prior_embd", "fit_images")
+        check_at_least(self, where, 0, "n_res_blocks", "top_k")
         if self.downsample & (self.downsample - 1):
-            raise GenbenchError(f"vqvae config: downsample must be a power of 2, got {self.downsample}")
+            raise GenbenchError(f"{where}: downsample must be a power of 2, got {self.downsample}")
         if self.image_size % self.downsample:
-            raise GenbenchError(
-                f"vqvae config: image_size {self.image_size} is not divisible by downsample {self.downsample}"
-            )
-        for name in ("n_res_blocks", "top_k"):
-            if getattr(self, name) < 0:
-                raise GenbenchError(f"vqvae config: {name} must be >= 0, got {getattr(self, name)}")
+            raise GenbenchError(f"{where}: image_size {self.image_size} is not divisible by downsample {self.downsample}")
         if self.top_k > self.codebook_size:
-            raise GenbenchError(f"vqvae config: top_k {self.top_k} exceeds codebook_size {self.codebook_size}")
+            raise GenbenchError(f"{where}: top_k {self.top_k} exceeds codebook_size {self.codebook_size}")
         if self.temperature < 0:
-            raise GenbenchError(f"vqvae config: temperature must be >= 0, got {self.temperature}")
+            raise GenbenchError(f"{where}: temperature must be >= 0, got {self.temperature}")
         try:
             self.quantizer_config().validate()
             self.prior_config().validate()
         except GenbenchError as e:
-            raise GenbenchError(f"vqvae config: {e}") from None
+            raise GenbenchError(f"{where}: {e}") from None
 
     @property
     def grid_size(self) -> int:
@@ -110,121 +108,24 @@ class VQVAEConfig:
         )
 
 
-# ----------------------------------------------------------------------------- conv nets
-
-
-class ResBlock(nn.Module):
-    """x + conv1x1(ReLU(conv3x3(ReLU(x)))) (van den Oord 2017 sec. 4.1)."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(width, width // 2, 3, padding=1),
-            nn.ReLU(), nn.Conv2d(width // 2, width, 1),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.net(x)
-
-
-def level_widths(width: int, downsample: int) -> list[int]:
-    """Channels per resolution level, finest first: `width` at the code grid, halved at each 2x
-    finer level (the full-resolution convs dominate the cost, so they are the narrow ones)."""
-    levels = int(math.log2(downsample))
-    return [max(width >> (levels - i), 8) for i in range(levels + 1)]
-
-
-class Encoder(nn.Module):
-    """(B, C, S, S) -> (B, code_dim, S/f, S/f): conv3x3, log2(f) x [ReLU, conv4x4 stride 2], res blocks, conv1x1."""
-
-    def __init__(self, in_channels: int, width: int, code_dim: int, downsample: int, n_res_blocks: int):
-        super().__init__()
-        ch = level_widths(width, downsample)
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, ch[0], 3, padding=1)]
-        for c_in, c_out in zip(ch, ch[1:]):
-            layers += [nn.ReLU(), nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)]
-        layers += [ResBlock(ch[-1]) for _ in range(n_res_blocks)]
-        layers += [nn.ReLU(), nn.Conv2d(ch[-1], code_dim, 1)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
-class Decoder(nn.Module):
-    """(B, code_dim, S/f, S/f) -> (B, C, S, S) unbounded image means: the mirror of Encoder."""
-
-    def __init__(self, code_dim: int, width: int, out_channels: int, downsample: int, n_res_blocks: int):
-        super().__init__()
-        ch = level_widths(width, downsample)[::-1]
-        layers: list[nn.Module] = [nn.Conv2d(code_dim, ch[0], 3, padding=1)]
-        layers += [ResBlock(ch[0]) for _ in range(n_res_blocks)]
-        for c_in, c_out in zip(ch, ch[1:]):
-            layers += [nn.ReLU(), nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
-        layers += [nn.ReLU(), nn.Conv2d(ch[-1], out_channels, 3, padding=1)]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.net(z)
-
-
 # ----------------------------------------------------------------------------- the model
 
-_TRAIN_QUICK = {
-    "batch_size": 128, "log_every": 50, "ckpt_every": 500, "lr_schedule": "cosine",
-    "stages": {
-        # no parameter EMA in the autoencoder stage: the codebook is a buffer (copied, not averaged),
-        # so averaged encoder weights would no longer match it
-        "autoencoder": {"steps": 800, "lr": 2e-3, "warmup_steps": 50},
-        "prior": {"steps": 1000, "lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.01, "grad_clip": 1.0},
-    },
-}
-_TRAIN_STANDARD = {
-    # bf16 off: on CPUs without native bf16 (AVX2-only) it was no faster here, and the quantizer
-    # runs in float32 anyway; turn it on for GPUs with --set train.bf16=true
-    "batch_size": 128, "log_every": 100, "ckpt_every": 500, "lr_schedule": "cosine",
-    "stages": {
-        "autoencoder": {"steps": 1500, "lr": 1e-3, "warmup_steps": 100},
-        "prior": {"steps": 1500, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "weight_decay": 0.01,
-                  "grad_clip": 1.0},
-    },
-}
-
-
 @register("vqvae")
-class VQVAE(nn.Module):
+class VQVAE(GenerativeModel):
     Config = VQVAEConfig
     stages = ("autoencoder", "prior")
-    PRESETS = {
-        # digits 8x8, f=2: 4x4 grid of 16 codes from a codebook of 64
-        "quick": {
-            "model": {"downsample": 2, "width": 32, "n_res_blocks": 1, "codebook_size": 64, "code_dim": 16,
-                      "dead_code_steps": 50, "prior_layers": 2, "prior_heads": 4, "prior_embd": 64,
-                      "prior_dropout": 0.1},
-            "train": _TRAIN_QUICK,
-        },
-        # Fashion-MNIST 28x28, f=4: 7x7 grid of 49 codes from a codebook of 512 x 64; conv widths
-        # 32/64/128 at 28/14/7 pixels
-        "standard": {
-            "model": {"downsample": 4, "width": 128, "n_res_blocks": 2, "codebook_size": 512, "code_dim": 64,
-                      "dead_code_steps": 50, "prior_layers": 4, "prior_heads": 4, "prior_embd": 128,
-                      "prior_dropout": 0.0},
-            "train": _TRAIN_STANDARD,
-        },
-    }
-    DATASET_PRESETS = {
-        ("quick", "fashion-mnist"): {"model": {"downsample": 4}},
-        ("quick", "mnist"): {"model": {"downsample": 4}},
-        ("standard", "digits"): {"model": {"downsample": 2}},
-    }
+    FAMILY = {"latent": "discrete code grid (S/f x S/f indices into a K-entry codebook); transformer prior "
+                        "over the raster-scanned codes"}
+    has_reconstruction = True
+    has_latent_space = True
 
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         config.validate()
         self.config = config
         c = config
-        self.encoder = Encoder(c.image_channels, c.width, c.code_dim, c.downsample, c.n_res_blocks)
-        self.decoder = Decoder(c.code_dim, c.width, c.image_channels, c.downsample, c.n_res_blocks)
+        self.encoder = GridEncoder(c.image_channels, c.width, c.code_dim, c.downsample, c.n_res_blocks)
+        self.decoder = GridDecoder(c.code_dim, c.width, c.image_channels, c.downsample, c.n_res_blocks)
         self.quantizer = VectorQuantizer(c.quantizer_config())
         self.prior = TransformerPrior(c.prior_config())
         # Var(x) of the training pixels, the scale of the reconstruction term (set in prepare_stage)
@@ -250,13 +151,19 @@ class VQVAE(nn.Module):
         """The latent of a VQ-VAE is its code grid: same as decode_indices."""
         return self.decode_indices(indices)
 
-    def reconstruct(self, x: Tensor) -> Tensor:
-        return self.decode_indices(self.encode(x))
+    def encode_latents(self, x: Tensor, sample: bool = False) -> Tensor:
+        """The continuous pre-quantization latents z_e = E(x), (B, code_dim, S/f, S/f)."""
+        return self.encoder(x)
+
+    def decode_latents(self, z: Tensor) -> Tensor:
+        """Images from continuous latents: each vector is replaced by its nearest code, then decoded
+        (what a reconstruction does after the encoder; Rombach et al. 2022 sec. 3.1)."""
+        return self.decode_indices(self.quantizer.lookup(z))
 
     # ------------------------------------------------------------------ training
 
     def optimizer_groups(self, stage: str = "autoencoder") -> dict[str, list[nn.Parameter]]:
-        self._check_stage(stage)
+        self.check_stage(stage)
         if stage == "prior":
             return {"main": list(self.prior.parameters())}
         params = list(self.encoder.parameters()) + list(self.decoder.parameters())
@@ -266,7 +173,7 @@ class VQVAE(nn.Module):
     def prepare_stage(self, stage: str, train_images: Tensor) -> None:
         """autoencoder: Var(x) of the training pixels, and the codebook initialised (k-means++ by
         default) from encoder outputs of `init_images` random training images (global RNG)."""
-        self._check_stage(stage)
+        self.check_stage(stage)
         if stage != "autoencoder":
             return
         self.data_variance.fill_(float(train_images.float().var()))
@@ -275,7 +182,7 @@ class VQVAE(nn.Module):
         self.quantizer.init_from_data(z)
 
     def loss(self, batch: Tensor, step: int = 0, stage: str = "autoencoder") -> dict[str, Tensor]:
-        self._check_stage(stage)
+        self.check_stage(stage)
         if stage == "prior":
             return self._prior_loss(batch)
         q = self.quantizer(self.encoder(batch))
@@ -309,10 +216,6 @@ class VQVAE(nn.Module):
 
             self.decoder_log_scale[c] = golden_section_max(log_likelihood, math.log(1e-3), 0.0)
         self.decoder_scale_fitted.fill_(True)
-
-    def _check_stage(self, stage: str) -> None:
-        if stage not in self.stages:
-            raise GenbenchError(f"vqvae: unknown stage {stage!r}; stages are {list(self.stages)}")
 
     # ------------------------------------------------------------------ sampling and evaluation
 

@@ -1,0 +1,125 @@
+"""Image datasets as float32 tensors in [0, 1], shaped (N, C, H, W).
+
+Four sources, all local (genbench never downloads anything):
+
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, values 0..16 -> /16).
+  Fixed stratified split with ``random_state=0``: 1437 train / 360 test, each split kept in the
+  original sklearn order.
+- ``fashion-mnist`` / ``mnist``: the four IDX files (raw or .gz) of LeCun et al. (1998) /
+  Xiao et al. (2017), 60000 train / 10000 test, 1x28x28, pixels /255.
+- ``folder``: every PNG/JPEG under a directory, center-cropped to a square and resized with
+  Pillow's bicubic filter; every 10th image (sorted order) is held out as test.
+
+Data flows one way: ``DatasetSpec`` / ``load_dataset`` -> ``ImageDataset`` -> trainer. Raw arrays (uint8 pixels as
+stored on disk) are memoized per process, keyed on each file's path, size and mtime; every call
+converts them into fresh tensors, so callers own what they get and may modify it in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from genbench.errors import GenbenchError
+from genbench.utils import exists
+
+from .container import ImageDataset, check_positive_int, labels_tensor, resize, to_unit_tensor
+from .folder import load_folder
+from .idx import ENV_VAR, SYSTEM_DIRS, default_data_dir, load_idx_dataset, parse_idx, read_idx
+
+__all__ = ["DATASETS", "ENV_VAR", "SYSTEM_DIRS", "DatasetSpec", "ImageDataset", "default_data_dir", "load_dataset",
+           "parse_idx", "read_idx"]
+
+DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "mnist", "folder")
+DIGITS_TEST_SIZE = 360  # = ceil(0.2 * 1797)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """sklearn digits split once per process: (train images, train labels, test images, test labels)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    index = np.arange(len(digits.target))
+    train_idx, test_idx = train_test_split(
+        index, test_size=DIGITS_TEST_SIZE, stratify=digits.target, random_state=0
+    )
+    # sorted: each split keeps sklearn's order, so "the first N" is the same for any limit
+    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    images = digits.images  # (1797, 8, 8), integer values 0..16 stored as float64
+    arrays = (images[train_idx], digits.target[train_idx], images[test_idx], digits.target[test_idx])
+    for a in arrays:
+        a.flags.writeable = False  # shared between calls: callers get converted copies
+    return arrays
+
+
+def _load_digits(image_size: int | None, limit: int | None) -> ImageDataset:
+    train_x, train_y, test_x, test_y = _digits_arrays()
+    return ImageDataset(
+        name="digits",
+        train=resize(to_unit_tensor(train_x[:limit], 16.0), image_size),
+        test=resize(to_unit_tensor(test_x[:limit], 16.0), image_size),
+        train_labels=labels_tensor(train_y[:limit]),
+        test_labels=labels_tensor(test_y[:limit]),
+        num_classes=10,
+    )
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    limit: int | None = None,
+) -> ImageDataset:
+    """Load a dataset by name (one of ``DATASETS``) as float32 tensors in [0, 1].
+
+    ``data_dir``: for ``fashion-mnist``/``mnist`` overrides ``$GENBENCH_DATA`` and the system
+    directory (see ``default_data_dir``); for ``folder`` it is the image directory (required);
+    ``digits`` is bundled with scikit-learn and takes none.
+    ``image_size``: square output side. ``folder`` defaults to 32 (Pillow bicubic after a
+    center crop); for the others, a size different from the native one is reached with
+    ``F.interpolate(mode="bilinear", antialias=True)`` and clamped to [0, 1].
+    ``limit``: keep only the first ``limit`` train and the first ``limit`` test images.
+    """
+    check_positive_int(image_size, "image_size")
+    check_positive_int(limit, "limit")
+    key = name.lower() if isinstance(name, str) else name
+    if key not in DATASETS:
+        raise GenbenchError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if key == "digits":
+        if exists(data_dir):
+            raise GenbenchError("dataset 'digits' is bundled with scikit-learn and takes no data_dir")
+        return _load_digits(image_size, limit)
+    if key == "folder":
+        return load_folder(data_dir, image_size, limit)
+    return load_idx_dataset(key, data_dir, image_size, limit)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What to load, as recorded in a run's run.json and passed between processes: a dataset name
+    and the options of ``load_dataset``. ``load()`` is ``load_dataset`` with these options."""
+
+    name: str
+    data_dir: str | None = None
+    image_size: int | None = None
+    limit: int | None = None
+
+    def load(self) -> ImageDataset:
+        return load_dataset(self.name, data_dir=self.data_dir, image_size=self.image_size, limit=self.limit)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "dataset") -> DatasetSpec:
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            raise GenbenchError(f"{where}: expected a mapping with a dataset name, got {d!r:.80}")
+        unknown = sorted(set(d) - {"name", "data_dir", "image_size", "limit"})
+        if unknown:
+            raise GenbenchError(f"{where}: unknown field(s) {unknown}")
+        return cls(d["name"], d.get("data_dir"), d.get("image_size"), d.get("limit"))

@@ -1,0 +1,191 @@
+"""The comparison: train (or reuse) every model on one dataset, evaluate all the same way, report.
+
+Data flows one way: dataset -> train_run (one run folder per model, reused when finished, resumed
+when interrupted) -> EvalContext.evaluate_run (genbench.evaluation.protocol: the same samples,
+seed, test images and feature network for every model) -> metrics.json -> report.md / report.html
+(genbench.evaluation.report).
+
+Reference rows go through the identical protocol: the training set scored against the test set
+(the floor a perfect model could reach with this many samples) and uniform noise (the ceiling).
+
+`run_comparison` is the library entry point (`genbench compare` parses its arguments and calls it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from tqdm import tqdm
+
+from genbench.data import DatasetSpec
+from genbench.errors import GenbenchError
+from genbench.models.base import available_models, get_model_class
+from genbench.models.presets import TRAIN_COST_RANK
+from genbench.training.run import resolve_configs, total_steps, train_run
+from genbench.training.run_folder import RunFolder
+from genbench.utils import default_threads
+
+from .features import get_feature_network
+from .protocol import EvalContext
+from .report import write_reports
+
+PROTOCOL_VERSION = 1
+
+
+def default_jobs() -> int:
+    """Training processes at once: one per group of `default_threads()` cores (2 on a 2-core machine,
+    where each process uses 1 thread; 1 where torch's default already uses every core). Small models
+    keep one core busy with Python and small kernels, so two single-thread processes train about
+    twice the images per second of one two-thread process here. A GPU is shared by the processes."""
+    return max(1, (os.cpu_count() or 1) // default_threads())
+
+
+def default_num_samples(preset: str) -> int:
+    return 5000 if preset == "standard" else 1000
+
+
+def run_comparison(
+    dataset: DatasetSpec,
+    out: str | os.PathLike,
+    models: Sequence[str] | None = None,
+    preset: str = "quick",
+    sets: Mapping[str, Sequence[str]] | None = None,
+    num_samples: int | None = None,
+    eval_limit: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    jobs: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train (or reuse) `models` (default: all) on `dataset` into `out/<model>/`, evaluate each by the
+    same protocol, write `out/metrics.json`, `report.md` and `report.html`, and return the result
+    (the rows of metrics.json plus the report paths under "reports").
+
+    `sets`: per-model `--set` items, {"vae": ["latent_dim=8"]}. `num_samples`: samples per model for
+    FD/KID/PRDC (default 1000, 5000 for the standard preset). `eval_limit`: test images for
+    likelihood and reconstruction (default all, at most 2000). `jobs`: models trained at once in
+    their own processes (default `default_jobs()`; 1 trains in this process)."""
+    models = list(models) if models else available_models()
+    for m in models:
+        get_model_class(m)  # unknown model: fail before any work
+    if len(set(models)) != len(models):
+        raise GenbenchError(f"models: a model is listed twice: {models}")
+    sets = dict(sets or {})
+    unknown = sorted(set(sets) - set(available_models()))
+    if unknown:
+        raise GenbenchError(f"sets: unknown model(s) {unknown}; models are {available_models()}")
+    per_model_sets = {m: list(sets.get(m, ())) for m in models}
+    num_samples = num_samples or default_num_samples(preset)
+    if num_samples < 2:
+        raise GenbenchError(f"num_samples must be >= 2, got {num_samples}")
+    jobs = default_jobs() if jobs is None else jobs
+    if jobs < 1:
+        raise GenbenchError(f"jobs must be >= 1, got {jobs}")
+    out = Path(out)
+    ds = dataset.load()
+    eval_limit = eval_limit or min(len(ds.test), 2000)
+    t0 = time.perf_counter()
+    pending = [m for m in models if not RunFolder(out / m).is_complete()]
+    if jobs > 1 and len(pending) > 1:
+        train_in_processes(pending, dataset, ds.shape, out, preset, per_model_sets, jobs, progress=progress)
+
+    print(f"[compare] feature network for {ds.name} ...", flush=True)
+    feats = get_feature_network(ds)
+    ctx = EvalContext(ds, feats, num_samples=num_samples, eval_limit=eval_limit, seed=seed)
+    rows = [ctx.reference_row("train set (floor)", ds.train), ctx.reference_row("uniform noise (ceiling)", None)]
+    for m in models:
+        run_dir = out / m
+        print(f"[compare] {m}: train (or reuse) in {run_dir}", flush=True)
+        train_run(m, ds, run_dir, preset=preset, sets=per_model_sets[m], resume=True, progress=progress,
+                  dataset_spec=dataset)
+        print(f"[compare] {m}: evaluate", flush=True)
+        rows.append(ctx.evaluate_run(run_dir, device=device))
+    result = {
+        "protocol_version": PROTOCOL_VERSION,
+        "dataset": dataset.to_dict(),
+        "preset": preset,
+        "num_samples": num_samples,
+        "eval_test_images": eval_limit,
+        "seed": seed,
+        "feature_network": {"test_accuracy": feats.test_accuracy, "data_hash": feats.data_hash,
+                            "feature_dim": feats.feature_dim},
+        "rows": rows,
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    result["reports"] = {k: str(v) for k, v in write_reports(out, result).items()}
+    return result
+
+
+def split_model_sets(items: Sequence[str]) -> dict[str, list[str]]:
+    """`MODEL:KEY=VALUE` items (the command line's form) -> {model: ["KEY=VALUE", ...]}."""
+    per_model: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, rest = item.partition(":")
+        if not sep or name not in available_models():
+            raise GenbenchError(f"--set {item!r}: expected MODEL:KEY=VALUE with MODEL one of {available_models()}")
+        per_model.setdefault(name, []).append(rest)
+    return per_model
+
+
+def train_in_processes(models: list[str], spec: DatasetSpec, shape: tuple[int, int, int], out: Path, preset: str,
+                       per_model_sets: dict[str, list[str]], jobs: int, progress: bool = True) -> None:
+    """Train `models` with up to `jobs` `genbench train` processes at once (each resumable, its output
+    in RUN/train.log). One progress bar over the steps of all models, from their log.jsonl files.
+    A failed process stops the comparison with its model, exit status and the end of its log."""
+    total = {}
+    for m in models:  # also checks every model's --set items before any process starts
+        _, cfg = resolve_configs(m, spec.name, shape, preset, per_model_sets[m])
+        total[m] = total_steps(m, cfg)
+    data_args = ["--dataset", spec.name]
+    for value, flag in ((spec.data_dir, "--data-dir"), (spec.image_size, "--image-size"), (spec.limit, "--limit")):
+        if value is not None:
+            data_args += [flag, str(value)]
+    env = {**os.environ, "GENBENCH_THREADS": str(default_threads())}
+    # longest first, so that the last to start are short: the diffusion models, then the GAN, then the
+    # rest (step counts say little: an AE step costs a fraction of a U-Net step)
+    queue = sorted(models, key=lambda m: TRAIN_COST_RANK.index(m) if m in TRAIN_COST_RANK else len(TRAIN_COST_RANK))
+    running: dict[str, tuple[subprocess.Popen, object]] = {}
+    finished: set[str] = set()
+    bar = tqdm(total=sum(total.values()), desc=f"train {len(models)} models, {jobs} at once", unit="step",
+               disable=not progress, smoothing=0.1)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                m = queue.pop(0)
+                run = RunFolder(out / m)
+                run.path.mkdir(parents=True, exist_ok=True)
+                log = open(run.train_log, "ab")
+                cmd = [sys.executable, "-m", "genbench", "train", m, *data_args, "--preset", preset, "--out", str(run.path),
+                       "--resume", "--no-progress", "--no-images"]
+                for item in per_model_sets[m]:
+                    cmd += ["--set", item]
+                bar.write(f"[compare] {m}: training in its own process -> {run.train_log}")
+                running[m] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+            time.sleep(1.0)
+            for m in list(running):
+                proc, log = running[m]
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[m]
+                if proc.returncode != 0:
+                    train_log = RunFolder(out / m).train_log
+                    tail = train_log.read_text(errors="replace").strip().splitlines()[-5:]
+                    raise GenbenchError(f"training {m} failed (exit status {proc.returncode}); "
+                                        f"{train_log} ends with:\n  " + "\n  ".join(tail))
+                finished.add(m)
+                bar.write(f"[compare] {m}: trained")
+            bar.n = sum(total[m] if m in finished else min(total[m], RunFolder(out / m).last_global_step())
+                        for m in models)
+            bar.refresh()
+    finally:
+        for proc, log in running.values():  # interrupted or failed: stop the others (their checkpoints stay)
+            proc.terminate()
+            proc.wait()
+            log.close()
+        bar.close()

@@ -1,0 +1,170 @@
+"""The evaluation protocol: every model, and every reference row, measured the same way.
+
+The same number of samples drawn with the same seed, the same test images, the same feature
+network (genbench.evaluation.features): FD, KID, precision/recall/density/coverage, class
+histogram and memorisation on samples; MSE/PSNR/SSIM and reconstruction FD on reconstructions;
+the model's own likelihood estimate; costs from the run's record; training curves and stability
+from its log; sample, reconstruction and interpolation grids for the report.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genbench.images import make_grid, png_bytes
+from genbench.models.base import GenerativeModel
+from genbench.training.run_folder import RunFolder
+from genbench.utils import count_parameters, select_device
+
+from . import metrics
+from .trained_run import interleave
+
+SAMPLE_BATCH = 500
+
+
+class EvalContext:
+    """Everything the evaluation shares across models: test images, features of the real sets, seed."""
+
+    def __init__(self, ds, feats, num_samples: int, eval_limit: int, seed: int = 0):
+        self.ds, self.feats, self.num_samples, self.seed = ds, feats, num_samples, seed
+        self.test = ds.test[:eval_limit]
+        # the real side of FD/KID/PRDC: all test images
+        self.real_feats = feats.features(ds.test)
+        self._test_feats = None  # features of self.test, for the reconstruction FD
+
+    # ---- sample quality, identical for models and reference rows
+
+    def sample_metrics(self, images: torch.Tensor) -> dict:
+        f = self.feats.features(images)
+        kid_mean, kid_std = metrics.kernel_distance(f, self.real_feats, num_subsets=50,
+                                                    subset_size=min(1000, len(f), len(self.real_feats)), seed=self.seed)
+        prdc = metrics.precision_recall_density_coverage(self.real_feats, f, k=5)
+        hist = metrics.class_histogram_stats(self.feats.predict(images), self.feats.num_classes)
+        mem = metrics.memorization(images[:1000], self.ds.train, self.ds.test[:1000])
+        return {
+            "fd": metrics.frechet_distance(f, self.real_feats),
+            "kid": kid_mean, "kid_std": kid_std,
+            **{k: prdc[k] for k in ("precision", "recall", "density", "coverage")},
+            "class_entropy": hist["normalized_entropy"], "class_coverage": hist["class_coverage"],
+            "class_histogram": hist.get("histogram"),
+            "memorization_ratio": mem["ratio"], "memorization_fraction_closer": mem["fraction_closer"],
+        }
+
+    def reconstruction_fd(self, rec: torch.Tensor) -> float:
+        """Frechet distance between the reconstructions of the evaluated test images and those test
+        images themselves ("rFID" of Esser et al. 2021, with genbench's feature network): realism of
+        reconstructions, which MSE does not measure."""
+        if self._test_feats is None:
+            self._test_feats = self.feats.features(self.test)
+        return metrics.frechet_distance(self.feats.features(rec), self._test_feats)
+
+    def reference_row(self, name: str, pool: torch.Tensor | None) -> dict:
+        g = torch.Generator().manual_seed(self.seed)
+        if pool is None:
+            images = torch.rand((self.num_samples, *self.ds.shape), generator=g)
+        else:
+            idx = torch.randperm(len(pool), generator=g)[: self.num_samples]
+            images = pool[idx]
+        return {"name": name, "kind": "reference", **self.sample_metrics(images)}
+
+    # ---- one trained model
+
+    @torch.no_grad()
+    def evaluate_run(self, run_dir: str | Path, device: str = "auto") -> dict:
+        run = RunFolder(run_dir)
+        info = run.require_complete()
+        dev = select_device(device)
+        model = GenerativeModel.from_pretrained(run.model_dir, device=dev)
+        # samples: same count and seed for every model; timed per image
+        calls = count_network_calls(model)
+        gen = torch.Generator(device=dev).manual_seed(self.seed)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        batches = []
+        for i in range(0, self.num_samples, SAMPLE_BATCH):
+            batches.append(model.sample(min(SAMPLE_BATCH, self.num_samples - i), generator=gen).float().cpu())
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        sample_s = (time.perf_counter() - t0) / self.num_samples
+        samples = torch.cat(batches).clamp(0, 1)
+        row = {"name": info["model"], "kind": "model", "run_dir": str(run.path), **self.sample_metrics(samples)}
+        row["network_calls_per_sample"] = calls
+        test = self.test.to(dev)
+        images = {"samples": make_grid(samples[:64], nrow=8)}
+        row.update(mse=None, psnr=None, ssim=None, recon_fd=None)
+        if model.has_reconstruction:
+            rec = torch.cat([model.reconstruct(x).float() for x in test.split(SAMPLE_BATCH)]).clamp(0, 1).cpu()
+            row.update(mse=metrics.mse(rec, self.test), psnr=metrics.psnr(rec, self.test),
+                       ssim=metrics.ssim(rec, self.test), recon_fd=self.reconstruction_fd(rec))
+            images["reconstructions"] = make_grid(interleave(self.test[:32], rec[:32]), nrow=8)
+        if model.has_latent_space:
+            images["interpolations"] = make_grid(latent_interpolation(model, test[:8], steps=8).cpu(), nrow=8)
+        ev = model.evaluate(test, generator=torch.Generator(device=dev).manual_seed(self.seed))
+        row["bits_per_dim"] = ev.get("bits_per_dim")
+        row["bpd_estimator"] = ev.get("bpd_estimator") or "not defined"
+        row["model_eval"] = {k: v for k, v in ev.items() if isinstance(v, (int, float, str)) or v is None}
+        summary = info.get("summary", {})
+        stages = summary.get("stages", {})
+        row.update(
+            parameters=count_parameters(model),
+            train_wall_time_s=summary.get("wall_time_s"),
+            train_images_per_s={s: v.get("images_per_s") for s, v in stages.items()},
+            peak_memory_mb=summary.get("peak_memory_mb"),
+            sample_ms_per_image=sample_s * 1000,
+            device=summary.get("device"),
+        )
+        row["curves"] = run.curves()
+        row["stability"] = loss_stability(row["curves"])
+        row["images_png"] = {k: png_bytes(v) for k, v in images.items()}
+        row["family"] = dict(model.FAMILY)
+        return row
+
+
+def latent_interpolation(model: GenerativeModel, x: torch.Tensor, steps: int = 8) -> torch.Tensor:
+    """Decode straight lines between the continuous latents of pairs of test images (rows: pairs):
+    z = (1 - w) E(a) + w E(b), w from 0 to 1, through the model's encode_latents / decode_latents
+    (for VQ models the pre-quantization latents, quantized when decoded)."""
+    z = model.encode_latents(x)
+    a, b = z[0::2], z[1::2]
+    n = min(len(a), len(b))
+    w = torch.linspace(0, 1, steps, device=z.device).view(1, steps, *([1] * (z.ndim - 1)))
+    path = a[:n, None] * (1 - w) + b[:n, None] * w  # (pairs, steps, ...)
+    return model.decode_latents(path.flatten(0, 1)).float().clamp(0, 1)
+
+
+def count_network_calls(model: GenerativeModel) -> dict[str, int]:
+    """Count forward calls of the model's direct sub-networks during one sample(2) call.
+
+    It is the measured number of sequential network evaluations a sample costs (1 for a
+    decoder, ~T for a diffusion sampler, one per token for an autoregressive prior)."""
+    counts: dict[str, int] = {}
+    hooks = [child.register_forward_pre_hook(lambda m, a, name=name: counts.__setitem__(name, counts.get(name, 0) + 1))
+             for name, child in model.named_children()]
+    try:
+        model.sample(2)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+def loss_stability(curves: dict) -> dict:
+    """Measured training stability per stage: over the second half of the logged curve, the
+    median absolute relative change between consecutive logged losses (noise level) and the
+    largest relative jump upward (spikes). Small and smooth means stable."""
+    out = {}
+    for stage, c in curves.items():
+        loss = np.asarray(c["loss"], dtype=np.float64)
+        half = loss[len(loss) // 2:]
+        if len(half) < 3:
+            continue
+        scale = np.maximum(np.abs(half[:-1]), 1e-8)
+        rel = np.diff(half) / scale
+        out[stage] = {"median_abs_rel_change": float(np.median(np.abs(rel))), "max_rel_jump": float(rel.max()),
+                      "finite": bool(np.isfinite(loss).all())}
+    return out

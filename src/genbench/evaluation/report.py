@@ -1,0 +1,298 @@
+"""The comparison's outputs: metrics.json, report.md and one self-contained report.html.
+
+The HTML embeds every image (base64 PNG), needs no network and no script, and is laid out plainly:
+the metrics table with the best model value per column marked, then per-model samples,
+reconstructions and latent interpolations, training curves, costs, and the qualitative
+comparison of the families filled from what was measured.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless
+import matplotlib.pyplot as plt  # noqa: E402
+
+from genbench.files import atomic_write_bytes, write_json  # noqa: E402
+
+# (key, header, direction: +1 higher is better, -1 lower is better, 0 not ranked, format)
+COLUMNS = [
+    ("fd", "FD ↓", -1, "{:.2f}"),
+    ("kid", "KID ↓", -1, "{:.4f}"),
+    ("precision", "Precision ↑", +1, "{:.3f}"),
+    ("recall", "Recall ↑", +1, "{:.3f}"),
+    ("density", "Density", 0, "{:.3f}"),
+    ("coverage", "Coverage ↑", +1, "{:.3f}"),
+    ("class_entropy", "Class entropy ↑", +1, "{:.3f}"),
+    ("memorization_ratio", "NN-dist ratio", 0, "{:.2f}"),
+    ("recon_fd", "rFD ↓", -1, "{:.2f}"),
+    ("mse", "MSE ↓", -1, "{:.5f}"),
+    ("psnr", "PSNR ↑", +1, "{:.2f}"),
+    ("ssim", "SSIM ↑", +1, "{:.3f}"),
+    ("bits_per_dim", "bits/dim ↓", -1, "{:.3f}"),
+    ("parameters", "Params", 0, "{:,}"),
+    ("train_wall_time_s", "Train s", -1, "{:.0f}"),
+    ("sample_ms_per_image", "Sample ms/img", -1, "{:.2f}"),
+]
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan"
+    return fmt.format(value)
+
+
+def best_per_column(rows: list[dict]) -> dict[str, set[int]]:
+    """Indices of the best *model* rows per ranked column (ties all marked)."""
+    best = {}
+    for key, _, direction, _ in COLUMNS:
+        if direction == 0:
+            continue
+        vals = [(i, r.get(key)) for i, r in enumerate(rows) if r["kind"] == "model"
+                and isinstance(r.get(key), (int, float)) and math.isfinite(r.get(key))]
+        if not vals:
+            continue
+        target = max(v for _, v in vals) if direction > 0 else min(v for _, v in vals)
+        best[key] = {i for i, v in vals if v == target}
+    return best
+
+
+def _png_b64(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _figure_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+CURVES_PER_ROW = 3  # 3 x 3.2 inches at 100 dpi: under a laptop page's width
+
+
+def curves_png(rows: list[dict]) -> bytes | None:
+    models = [r for r in rows if r["kind"] == "model" and r.get("curves")]
+    if not models:
+        return None
+    n = len(models)
+    cols = min(n, CURVES_PER_ROW)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for i, (ax, r) in enumerate(zip(axes.flat, models)):
+        for stage, c in r["curves"].items():
+            ax.plot(c["step"], c["loss"], label=stage)
+        ax.set_title(r["name"])
+        ax.set_xlabel("step")
+        losses = [v for c in r["curves"].values() for v in c["loss"]]
+        if losses and min(losses) > 0:
+            ax.set_yscale("log")
+        if len(r["curves"]) > 1:
+            ax.legend(fontsize=7)
+        if i % cols == 0:
+            ax.set_ylabel("training loss")
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def cost_png(rows: list[dict]) -> bytes | None:
+    models = [r for r in rows if r["kind"] == "model"]
+    if not models:
+        return None
+    names = [r["name"] for r in models]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
+    for ax, key, title in zip(axes, ["train_wall_time_s", "sample_ms_per_image", "parameters"],
+                              ["training wall time (s)", "sampling (ms / image)", "parameters"]):
+        vals = [r.get(key) or 0 for r in models]
+        ax.bar(names, vals, color="#4a7ab5")
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        if max(vals) > 0 and max(vals) / max(min(v for v in vals if v > 0) if any(vals) else 1, 1e-12) > 100:
+            ax.set_yscale("log")
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def qualitative_rows(rows: list[dict]) -> list[dict]:
+    """The families side by side, every cell taken from the run or its evaluation."""
+    out = []
+    for r in rows:
+        if r["kind"] != "model":
+            continue
+        calls = r.get("network_calls_per_sample") or {}
+        stab = r.get("stability") or {}
+        stab_txt = "; ".join(f"{s}: median step-to-step change {v['median_abs_rel_change']:.1%}, "
+                             f"largest jump {v['max_rel_jump']:+.0%}" for s, v in stab.items()) or "n/a"
+        out.append({
+            "model": r["name"],
+            "latent": (r.get("family") or {}).get("latent", "n/a"),
+            "likelihood": r.get("bpd_estimator") or "not defined",
+            "network calls per sample call": ", ".join(f"{k} ×{v}" for k, v in calls.items()) or "n/a",
+            "training stability (measured)": stab_txt,
+        })
+    return out
+
+
+def _public(result: dict) -> dict:
+    """metrics.json: everything but the embedded images."""
+    rows = [{k: v for k, v in r.items() if k != "images_png"} for r in result["rows"]]
+    return {**result, "rows": rows}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    best = best_per_column(rows)
+    head = "| model | " + " | ".join(h for _, h, _, _ in COLUMNS) + " |"
+    sep = "|---" * (len(COLUMNS) + 1) + "|"
+    lines = [head, sep]
+    for i, r in enumerate(rows):
+        cells = []
+        for key, _, _, fmt in COLUMNS:
+            txt = _fmt(r.get(key), fmt)
+            cells.append(f"**{txt}**" if i in best.get(key, ()) else txt)
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(result: dict) -> str:
+    ds = result["dataset"]["name"]
+    lines = [
+        f"# genbench comparison on {ds} ({result['preset']} preset)",
+        "",
+        f"{result['num_samples']} samples per model against the {ds} test set; features from genbench's own "
+        f"classifier (test accuracy {result['feature_network']['test_accuracy']:.3f}). Best model value per "
+        "column in bold. Reference rows use the same protocol.",
+        "",
+        markdown_table(result["rows"]),
+        "",
+        "bits/dim estimators:",
+        "",
+    ]
+    for r in result["rows"]:
+        if r["kind"] == "model":
+            lines.append(f"- {r['name']}: {r.get('bpd_estimator')}")
+    lines += ["", f"Wall time of the whole comparison: {result['wall_time_s']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1400px;
+color:#222;line-height:1.4;padding:0 1em}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+tr.reference td{color:#777;font-style:italic}
+td.best{font-weight:bold;background:#e5f3e5}
+.models{display:flex;flex-wrap:wrap;gap:1.5em}
+.model{border:1px solid #ddd;padding:.8em;border-radius:6px}
+.model img{image-rendering:pixelated;max-width:300px;display:block;margin:.3em 0}
+img{max-width:100%;height:auto}
+.note{color:#555;font-size:13px}
+"""
+
+
+def render_html(result: dict) -> str:
+    rows = result["rows"]
+    best = best_per_column(rows)
+    esc = html.escape
+    ds = result["dataset"]["name"]
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>genbench comparison: {esc(ds)}</title><style>{CSS}</style></head><body>",
+        f"<h1>genbench comparison on {esc(ds)} <small>({esc(result['preset'])} preset)</small></h1>",
+        f"<p class='note'>{result['num_samples']} samples per model, scored against the {esc(ds)} test set in the "
+        f"feature space of genbench's own classifier (test accuracy {result['feature_network']['test_accuracy']:.3f}; "
+        "no ImageNet weights exist offline). Reconstruction and likelihood on "
+        f"{result['eval_test_images']} test images. Best model value per column highlighted; grey rows are "
+        "references computed the same way. Whole comparison: "
+        f"{result['wall_time_s']:.0f} s.</p>",
+        "<h2>Metrics</h2><table id='metrics'><thead><tr><th>model</th>",
+    ]
+    parts += [f"<th>{esc(h)}</th>" for _, h, _, _ in COLUMNS]
+    parts.append("</tr></thead><tbody>")
+    for i, r in enumerate(rows):
+        cls = "reference" if r["kind"] == "reference" else "model"
+        parts.append(f"<tr class='{cls}' data-model='{esc(r['name'])}'><td>{esc(r['name'])}</td>")
+        for key, _, _, fmt in COLUMNS:
+            mark = " class='best'" if i in best.get(key, ()) else ""
+            parts.append(f"<td{mark}>{esc(_fmt(r.get(key), fmt))}</td>")
+        parts.append("</tr>")
+    parts.append("</tbody></table>")
+    parts.append("<p class='note'>FD: Fréchet distance; KID: kernel distance (unbiased MMD², cubic kernel); "
+                 "precision/recall/density/coverage: k-NN manifolds (k=5); class entropy: normalised entropy of the "
+                 "classifier's predicted classes (1 = all classes equally, 0 = mode collapse); NN-dist ratio: median "
+                 "distance of samples to their nearest training image over the same for test images (≈1 generalises, "
+                 "→0 copies). bits/dim: " + "; ".join(f"{esc(r['name'])}: {esc(str(r.get('bpd_estimator')))}"
+                                                      for r in rows if r["kind"] == "model") + ".</p>")
+
+    parts.append("<h2>Samples, reconstructions, interpolations</h2><div class='models'>")
+    for r in rows:
+        if r["kind"] != "model":
+            continue
+        parts.append(f"<div class='model'><h3>{esc(r['name'])}</h3>")
+        for key, title in [("samples", "samples"), ("reconstructions", "test images (odd) and reconstructions (even)"),
+                           ("interpolations", "latent interpolations between test images")]:
+            data = (r.get("images_png") or {}).get(key)
+            if data:
+                parts.append(f"<div class='note'>{esc(title)}</div><img alt='{esc(r['name'])} {key}' "
+                             f"src='{_png_b64(data)}'>")
+        parts.append("</div>")
+    parts.append("</div>")
+
+    curves = curves_png(rows)
+    if curves:
+        parts.append(f"<h2>Training curves</h2><img alt='training curves' src='{_png_b64(curves)}'>")
+    cost = cost_png(rows)
+    if cost:
+        parts.append(f"<h2>Cost</h2><img alt='cost' src='{_png_b64(cost)}'>")
+        parts.append("<table id='cost'><thead><tr><th>model</th><th>params</th><th>train wall s</th>"
+                     "<th>train images/s</th><th>peak memory MB</th><th>sample ms/image</th><th>device</th></tr></thead><tbody>")
+        for r in rows:
+            if r["kind"] != "model":
+                continue
+            ips = ", ".join(f"{s}: {v:.0f}" for s, v in (r.get("train_images_per_s") or {}).items() if v)
+            parts.append(f"<tr><td>{esc(r['name'])}</td><td>{_fmt(r.get('parameters'), '{:,}')}</td>"
+                         f"<td>{_fmt(r.get('train_wall_time_s'), '{:.0f}')}</td><td>{esc(ips)}</td>"
+                         f"<td>{_fmt(r.get('peak_memory_mb'), '{:.0f}')}</td>"
+                         f"<td>{_fmt(r.get('sample_ms_per_image'), '{:.2f}')}</td><td>{esc(str(r.get('device')))}</td></tr>")
+        parts.append("</tbody></table>")
+
+    qual = qualitative_rows(rows)
+    if qual:
+        keys = list(qual[0])
+        parts.append("<h2>The families, as measured</h2><table id='families'><thead><tr>")
+        parts += [f"<th>{esc(k)}</th>" for k in keys]
+        parts.append("</tr></thead><tbody>")
+        for q in qual:
+            parts.append("<tr>" + "".join(f"<td style='text-align:left'>{esc(str(q[k]))}</td>" for k in keys) + "</tr>")
+        parts.append("</tbody></table>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def write_reports(out: Path, result: dict) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "metrics.json", "md": out / "report.md", "html": out / "report.html"}
+    write_json(paths["json"], json.loads(json.dumps(_public(result), default=_json_default)))
+    atomic_write_bytes(paths["md"], render_markdown(result).encode())
+    atomic_write_bytes(paths["html"], render_html(result).encode())
+    return paths
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)

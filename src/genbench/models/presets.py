@@ -1,0 +1,228 @@
+"""Every model's training budget for every dataset, side by side: the numbers that decide a comparison.
+
+A preset is a partial config: {"model": {...}, "train": {...}} over the model's Config defaults and
+genbench.training.config.TrainConfig. `resolve_configs` (genbench.training.run) stacks, in order:
+the Config defaults <- PRESETS[model][preset] <- DATASET_PRESETS[model][(preset, dataset)] <- the
+image shape of the dataset <- the user's `--set` items.
+
+- "quick": 8x8 digits on a laptop CPU; `genbench compare --preset quick` (the README's demo) trains
+  all six in a few minutes on 2 cores.
+- "standard": Fashion-MNIST 28x28; an hour or more per model on 2 CPU cores, minutes on a GPU
+  (docs/benchmarks.md).
+
+Step costs quoted below were measured on one CPU thread (docs/benchmarks.md has the machines).
+"""
+
+from __future__ import annotations
+
+from genbench.config import merge
+
+# ---------------------------------------------------------------------------------------------
+# AE and VAE: a vector latent; MLP nets for 8x8, conv nets for 28x28
+
+AE = {
+    "quick": {"model": {"arch": "mlp", "latent_dim": 16, "width": 256},
+              "train": {"steps": 1500, "batch_size": 128, "lr": 2e-3, "lr_schedule": "cosine", "log_every": 50}},
+    "standard": {"model": {"arch": "conv", "latent_dim": 32, "width": 16},
+                 "train": {"steps": 4000, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine",
+                           "warmup_steps": 200, "log_every": 100, "ckpt_every": 1000}},
+}
+
+VAE = {
+    "quick": {"model": {"arch": "mlp", "latent_dim": 16, "width": 256},
+              "train": {"steps": 2000, "batch_size": 128, "lr": 2e-3, "lr_schedule": "cosine",
+                        "warmup_steps": 100, "grad_clip": 100.0, "log_every": 50}},
+    "standard": {"model": {"arch": "conv", "latent_dim": 32, "width": 16},
+                 "train": {"steps": 4000, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine",
+                           "warmup_steps": 200, "grad_clip": 100.0, "log_every": 100, "ckpt_every": 1000}},
+}
+
+# ---------------------------------------------------------------------------------------------
+# VQ-VAE: stage "autoencoder" then stage "prior"
+
+VQVAE = {
+    # digits 8x8, f=2: 4x4 grid of 16 codes from a codebook of 64
+    "quick": {
+        "model": {"downsample": 2, "width": 32, "n_res_blocks": 1, "codebook_size": 64, "code_dim": 16,
+                  "dead_code_steps": 50, "prior_layers": 2, "prior_heads": 4, "prior_embd": 64,
+                  "prior_dropout": 0.1},
+        "train": {
+            "batch_size": 128, "log_every": 50, "ckpt_every": 500, "lr_schedule": "cosine",
+            "stages": {
+                # no parameter EMA in the autoencoder stage: the codebook is a buffer (copied, not
+                # averaged), so averaged encoder weights would no longer match it
+                "autoencoder": {"steps": 800, "lr": 2e-3, "warmup_steps": 50},
+                "prior": {"steps": 1000, "lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.01, "grad_clip": 1.0},
+            },
+        },
+    },
+    # Fashion-MNIST 28x28, f=4: 7x7 grid of 49 codes from a codebook of 512 x 64; conv widths
+    # 32/64/128 at 28/14/7 pixels. bf16 off: on CPUs without native bf16 (AVX2-only) it was no faster
+    # here, and the quantizer runs in float32 anyway; turn it on for GPUs with --set train.bf16=true
+    "standard": {
+        "model": {"downsample": 4, "width": 128, "n_res_blocks": 2, "codebook_size": 512, "code_dim": 64,
+                  "dead_code_steps": 50, "prior_layers": 4, "prior_heads": 4, "prior_embd": 128,
+                  "prior_dropout": 0.0},
+        "train": {
+            "batch_size": 128, "log_every": 100, "ckpt_every": 500, "lr_schedule": "cosine",
+            "stages": {
+                "autoencoder": {"steps": 1500, "lr": 1e-3, "warmup_steps": 100},
+                "prior": {"steps": 1500, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "weight_decay": 0.01,
+                          "grad_clip": 1.0},
+            },
+        },
+    },
+}
+
+# the code grid per dataset: 7x7 for 28x28 images, 4x4 for 8x8 digits
+VQ_GRID = {
+    ("quick", "fashion-mnist"): {"model": {"downsample": 4}},
+    ("quick", "mnist"): {"model": {"downsample": 4}},
+    ("standard", "digits"): {"model": {"downsample": 2}},
+}
+
+# ---------------------------------------------------------------------------------------------
+# VQ-GAN: the VQ-VAE's autoencoder, prior and step counts (like for like), plus a PatchGAN and the
+# perceptual term; taming's Adam betas for both optimizers of the autoencoder stage (a GAN needs
+# short memory)
+
+_GAN_BETAS = {"stages": {"autoencoder": {"beta1": 0.5, "beta2": 0.9}}}
+
+VQGAN = {
+    # a 2-layer PatchGAN (2x2 patch logits) switched on after 300 of 800 steps. One CPU thread, batch
+    # 128: ~80 ms per step before the discriminator starts, ~150 ms after (the VQ-VAE: ~35 ms), + ~15 s
+    # for the perceptual network
+    "quick": {
+        "model": merge(VQVAE["quick"]["model"], {"disc_width": 16, "disc_layers": 2, "disc_start": 300,
+                                                 "perceptual_weight": 1.0}),
+        "train": merge(VQVAE["quick"]["train"], _GAN_BETAS),
+    },
+    # a 2-layer PatchGAN of width 32 (5x5 patch logits) from step 1000 of 2000. One CPU thread, batch
+    # 128: ~1.6 s per step before the discriminator starts, ~2.4 s after (the VQ-VAE: ~1.1 s); width
+    # 64 costs 3.3 s
+    "standard": {
+        "model": merge(VQVAE["standard"]["model"], {"disc_width": 32, "disc_layers": 2, "disc_start": 1000,
+                                                    "perceptual_weight": 1.0}),
+        "train": merge(VQVAE["standard"]["train"], _GAN_BETAS),
+    },
+}
+
+# ---------------------------------------------------------------------------------------------
+# DDPM. bf16 is requested; the trainer honours it only on CUDA or CPUs with native bf16
+# (genbench.utils.bf16_effective)
+
+DDPM = {
+    # digits 8x8: 2 levels (8, 4), attention only in the 4x4 middle; cosine schedule suits tiny images
+    "quick": {
+        "model": {
+            "unet": {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
+                     "attention_levels": [], "num_heads": 2, "dropout": 0.1},
+            "diffusion": {"num_timesteps": 1000, "schedule": "cosine"},
+            "sampler": {"name": "ddim", "steps": 50}, "bpd_timesteps": 50, "bpd_images": 200,
+        },
+        "train": {"steps": 1500, "batch_size": 48, "lr": 1e-3, "warmup_steps": 100, "grad_clip": 1.0,
+                  "ema_decay": 0.995, "bf16": True, "log_every": 50, "ckpt_every": 500},
+    },
+    # Fashion-MNIST 28x28: 3 levels (28, 14, 7) of 16/32/64 channels, attention at 7x7 and in the
+    # middle. Narrow at full resolution on purpose: 0.44 GFLOP per training image (vs 6.6 for
+    # UNetConfig()'s 64-channel (1, 2, 2) x 2-block default), so 2000 steps fit in about an hour on
+    # 2 CPU cores (benchmarks/bench_unet.py). EMA 0.995: the trainer's EMA starts from the initial
+    # weights, and 0.999^2000 would still hold 14% of them.
+    "standard": {
+        "model": {
+            "unet": {"base_channels": 16, "channel_mult": [1, 2, 4], "num_res_blocks": 1,
+                     "attention_levels": [2], "num_heads": 2, "dropout": 0.1},
+            # v-prediction (Salimans & Ho 2022): with eps-prediction the cosine schedule's
+            # x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) amplifies eps errors up to 2e4-fold
+            # near t = T, and this preset's samples came out over-bright (FD 28.9 vs 4.2 with v,
+            # 400 samples, same 2000 CPU steps; docs/benchmarks.md). Digits (quick) do well with eps.
+            "diffusion": {"num_timesteps": 1000, "schedule": "cosine", "prediction": "v"},
+            "sampler": {"name": "ddim", "steps": 50}, "bpd_timesteps": 50, "bpd_images": 200,
+        },
+        "train": {"steps": 2000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 200, "grad_clip": 1.0,
+                  "ema_decay": 0.995, "bf16": True, "log_every": 50, "ckpt_every": 500},
+    },
+}
+
+# ---------------------------------------------------------------------------------------------
+# LDM: stage "first_stage" (an autoencoder of the kind `first_stage` names) then "diffusion"
+
+_VQ_FIRST_STAGE_QUICK = {"downsample": 2, "width": 32, "n_res_blocks": 1, "codebook_size": 128, "code_dim": 4,
+                         "dead_code_steps": 100, "init_images": 1024}
+_VQ_FIRST_STAGE_STANDARD = {"downsample": 4, "width": 128, "n_res_blocks": 2, "codebook_size": 512, "code_dim": 4,
+                            "dead_code_steps": 200, "init_images": 2048}
+_FIRST_STAGE_QUICK = {
+    # digits 8x8, f = 2: a 4x4x4 latent (64 numbers, as many as the pixels; the compression shows on
+    # larger images), codebook of 128 four-dimensional codes
+    "vqvae": _VQ_FIRST_STAGE_QUICK,
+    # the same autoencoder plus the VQ-GAN quick preset's PatchGAN (train it with
+    # --set train.stages.first_stage.beta1=0.5 --set train.stages.first_stage.beta2=0.9, taming's GAN betas)
+    "vqgan": {**_VQ_FIRST_STAGE_QUICK, "disc_width": 32, "disc_layers": 2, "disc_start": 300},
+    "vae": {"arch": "mlp", "latent_dim": 16, "width": 256, "beta": 0.01},
+}
+_FIRST_STAGE_STANDARD = {
+    # Fashion-MNIST 28x28, f = 4: a 4x7x7 latent (196 numbers for 784 pixels)
+    "vqvae": _VQ_FIRST_STAGE_STANDARD,
+    "vqgan": {**_VQ_FIRST_STAGE_STANDARD, "disc_width": 64, "disc_layers": 2, "disc_start": 1000},
+    "vae": {"arch": "conv", "latent_dim": 64, "width": 32, "beta": 0.01},
+}
+# The U-Net: 32/64 channels at the latent side and half of it, two residual blocks per level,
+# attention at the coarse level and in the middle. On a 4x7x7 latent (padded to 8x8) it costs
+# 46 MFLOP per forward, a third of DDPM's standard pixel U-Net (147 MFLOP at 28x28), with
+# 1.5x its parameters (benchmarks/bench_ldm_vs_ddpm.py).
+_LDM_UNET = {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 2, "attention_levels": [1],
+             "num_heads": 4, "dropout": 0.1}
+# Ho et al.'s linear schedule (beta 1e-4 .. 0.02, T = 1000; Rombach et al. use linear schedules too),
+# not DDPM's cosine: see genbench.models.ldm.MAX_X0_GAIN
+_LDM_DIFFUSION = {"num_timesteps": 1000, "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+
+LDM = {
+    # digits: a 4x4x4 latent, U-Net levels 4x4 and 2x2
+    "quick": {
+        "model": {**_FIRST_STAGE_QUICK, "unet": _LDM_UNET, "diffusion": _LDM_DIFFUSION,
+                  "sampler": {"name": "ddim", "steps": 50}},
+        "train": {
+            "batch_size": 64, "log_every": 50, "ckpt_every": 500,
+            "stages": {
+                # the VQ-VAE quick autoencoder recipe (no parameter EMA: the codebook is a buffer)
+                "first_stage": {"steps": 800, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50,
+                                "lr_schedule": "cosine"},
+                # DDPM's quick recipe
+                "diffusion": {"steps": 1500, "batch_size": 48, "lr": 1e-3, "warmup_steps": 100,
+                              "grad_clip": 1.0, "ema_decay": 0.995, "bf16": True},
+            },
+        },
+    },
+    # Fashion-MNIST: a 4x7x7 latent, U-Net levels 8x8 (padded) and 4x4; the diffusion stage uses
+    # DDPM's standard training recipe (steps, batch, lr, EMA); the schedule is linear (see MAX_X0_GAIN)
+    "standard": {
+        "model": {**_FIRST_STAGE_STANDARD, "unet": _LDM_UNET, "diffusion": _LDM_DIFFUSION,
+                  "sampler": {"name": "ddim", "steps": 50}},
+        "train": {
+            "batch_size": 64, "log_every": 50, "ckpt_every": 500,
+            "stages": {
+                # the VQ-VAE standard autoencoder recipe
+                "first_stage": {"steps": 2000, "batch_size": 128, "lr": 1e-3, "warmup_steps": 100,
+                                "lr_schedule": "cosine", "log_every": 100},
+                "diffusion": {"steps": 2000, "lr": 1e-3, "warmup_steps": 200, "grad_clip": 1.0,
+                              "ema_decay": 0.995, "bf16": True},
+            },
+        },
+    },
+}
+
+# ---------------------------------------------------------------------------------------------
+# the tables resolve_configs reads
+
+PRESETS: dict[str, dict[str, dict]] = {"ae": AE, "vae": VAE, "vqvae": VQVAE, "vqgan": VQGAN, "ddpm": DDPM, "ldm": LDM}
+
+DATASET_PRESETS: dict[str, dict[tuple[str, str], dict]] = {
+    "vqvae": VQ_GRID,
+    "vqgan": VQ_GRID,  # the same grid per dataset as the VQ-VAE
+    # the VQ first stages' grid per dataset, as for the VQ models
+    "ldm": {key: {"model": {"vqvae": over["model"], "vqgan": over["model"]}} for key, over in VQ_GRID.items()},
+}
+
+# models by training cost under their presets, most expensive first (measured: digits quick,
+# docs/benchmarks.md); `genbench compare` starts the most expensive first so the last to start are short
+TRAIN_COST_RANK = ("ldm", "ddpm", "vqgan", "vqvae", "vae", "ae")

@@ -1,0 +1,132 @@
+"""A run: resolve the configs of a request, train into a run folder, export the model.
+
+    request (model name, dataset, preset, --set items)
+      -> resolve_configs: Config defaults <- presets <- dataset presets <- image shape <- --set
+      -> run.json (status "running") -> train (genbench.training.loop) -> model/ (save_pretrained)
+      -> run.json (status "complete", with the training summary)
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genbench import __version__
+from genbench.config import apply_sets, from_dict, merge, to_dict
+from genbench.data import DatasetSpec, ImageDataset
+from genbench.errors import GenbenchError
+from genbench.files import ensure_writable_folder
+from genbench.models.base import get_model_class
+from genbench.models.presets import DATASET_PRESETS, PRESETS
+from genbench.utils import count_parameters
+
+from . import distributed
+from .config import TrainConfig, check_world
+from .loop import train
+from .run_folder import RunFolder
+
+
+def resolve_configs(model_name: str, dataset_name: str, shape: tuple[int, int, int], preset: str = "quick",
+                    sets: list[str] | tuple = ()) -> tuple[Any, TrainConfig]:
+    """Model and train configs from defaults <- preset <- dataset preset <- `--set` items; validated."""
+    cls = get_model_class(model_name)
+    presets = PRESETS.get(model_name, {})
+    if preset not in presets:
+        raise GenbenchError(f"unknown preset {preset!r} for {model_name}; choose from {sorted(presets)}")
+    # deep copy: nested `--set` items write into these dicts and must not leak into the presets
+    dataset_preset = DATASET_PRESETS.get(model_name, {}).get((preset, dataset_name), {})
+    chosen = copy.deepcopy(merge(presets[preset], dataset_preset))
+    c, h, w = shape
+    if h != w:
+        raise GenbenchError(f"dataset {dataset_name}: images must be square, got {h}x{w}")
+    model_d = merge(chosen.get("model", {}), {"image_channels": c, "image_size": h})
+    train_d = dict(chosen.get("train", {}))
+    apply_sets({"model": (cls.Config, model_d), "train": (TrainConfig, train_d)}, sets)
+    model_cfg = from_dict(cls.Config, model_d, where=f"{model_name} config")
+    train_cfg = from_dict(TrainConfig, train_d, where="train config")
+    check_stage_names(train_cfg, model_name, tuple(cls.stages))
+    return model_cfg, train_cfg
+
+
+def check_stage_names(train_cfg: TrainConfig, model_name: str, stages: tuple[str, ...]) -> None:
+    unknown = sorted(set(train_cfg.stages) - set(stages))
+    if unknown:
+        raise GenbenchError(f"train config: stages {unknown} are not stages of {model_name} {list(stages)}")
+
+
+def total_steps(model_name: str, train_cfg: TrainConfig) -> int:
+    """Training steps over all of the model's stages."""
+    return sum(train_cfg.for_stage(s).steps for s in get_model_class(model_name).stages)
+
+
+def train_run(model_name: str, dataset: ImageDataset, run_dir: str | os.PathLike, preset: str = "quick",
+              sets: list[str] | tuple = (), resume: bool = False, progress: bool = True,
+              interrupt_at: int | None = None, dataset_spec: DatasetSpec | None = None) -> Path:
+    """Train `model_name` on `dataset` into `run_dir`; export the model.
+
+    `run_dir/run.json` records the configs, dataset, status and costs. An existing, unfinished run is
+    continued only with `resume=True`; a finished one is left as it is. Under torchrun every process
+    calls this; rank 0 alone reads and writes `run_dir` and shares the configs with the others.
+    """
+    world = distributed.init()
+    run = RunFolder(run_dir)
+    cls = get_model_class(model_name)
+    spec = dataset_spec or DatasetSpec(dataset.name)
+
+    def setup() -> dict:
+        if run.exists():
+            info = run.read_info()
+            if info["status"] == "complete" and resume:
+                return info
+            if not resume:
+                raise GenbenchError(f"{run.path}: already holds a run; pass --resume to continue it or choose another --out")
+            if info["model"] != model_name:
+                raise GenbenchError(f"{run.path}: holds a {info['model']} run, not {model_name}")
+            from_dict(cls.Config, info["model_config"], where=f"{run.run_json}: model_config")
+            train_cfg = from_dict(TrainConfig, info["train_config"], where=f"{run.run_json}: train_config")
+            check_stage_names(train_cfg, model_name, tuple(cls.stages))
+            check_world(train_cfg, tuple(cls.stages), dataset.train.shape[0], world.world_size)
+            return info
+        model_cfg, train_cfg = resolve_configs(model_name, dataset.name, dataset.shape, preset, sets)
+        check_world(train_cfg, tuple(cls.stages), dataset.train.shape[0], world.world_size)
+        ensure_writable_folder(run.path, "run folder")
+        info = {
+            "model": model_name,
+            "dataset": spec.to_dict(),
+            "preset": preset,
+            "sets": list(sets),
+            "model_config": to_dict(model_cfg),
+            "train_config": to_dict(train_cfg),
+            "status": "running",
+            "genbench_version": __version__,
+            "torch_version": torch.__version__,
+        }
+        run.write_info(info)
+        return info
+
+    info = distributed.on_main(setup, what=f"preparing the run folder {run.path}", share=True)
+    if info["status"] == "complete":
+        return run.path
+    model_cfg = from_dict(cls.Config, info["model_config"], where=f"{run.run_json}: model_config")
+    train_cfg = from_dict(TrainConfig, info["train_config"], where=f"{run.run_json}: train_config")
+    torch.manual_seed(train_cfg.seed)  # model initialisation is part of the run's seed (the same on every rank)
+    model = cls(model_cfg)
+    summary = train(model, dataset.train, train_cfg, run.path, progress=progress, interrupt_at=interrupt_at)
+    summary["parameters"] = count_parameters(model)
+    model.eval()
+
+    def export() -> None:
+        try:
+            model.save_pretrained(run.model_dir)
+        except OSError as e:
+            raise GenbenchError(f"{run.model_dir}: cannot write the exported model ({e.strerror or e}); "
+                                "the last checkpoint is kept, free some space and rerun with --resume") from None
+        info.update(status="complete", summary=summary)
+        run.write_info(info)
+
+    distributed.on_main(export, what=f"exporting the model to {run.model_dir}")
+    return run.path

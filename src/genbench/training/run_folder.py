@@ -1,0 +1,161 @@
+"""The run folder: one owner of its format. Everything that reads or writes a run asks `RunFolder`.
+
+    <run>/run.json        the request and its outcome: model name, dataset spec, preset, --set items,
+                          resolved model and train configs, status ("running" | "complete"),
+                          versions, and once complete the training summary (wall time, images/s
+                          per stage, peak memory, device, parameters)
+    <run>/log.jsonl       one JSON record per logged step: stage, step, global_step, lr,
+                          images_per_s and the model's loss scalars
+    <run>/checkpoints/    training checkpoints (format: genbench.training.checkpoint)
+    <run>/model/          the exported model (format: genbench.models.base, save_pretrained)
+    <run>/train.log       stdout/stderr of a training process started by `genbench compare`
+    <run>/samples.png, reconstructions.png   pictures written after training (genbench.evaluation)
+
+Only rank 0 of a distributed run touches the folder (genbench.training.distributed.on_main).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import IO
+
+from genbench.errors import GenbenchError
+from genbench.files import atomic_write_bytes, read_json, require_fields, write_json
+from genbench.models.base import EXPORT_SUBDIR
+
+STATUSES = ("running", "complete")
+
+
+class RunFolder:
+    """Paths and records of one run folder."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.run_json = self.path / "run.json"
+        self.log_path = self.path / "log.jsonl"
+        self.checkpoints = self.path / "checkpoints"
+        self.model_dir = self.path / EXPORT_SUBDIR
+        self.train_log = self.path / "train.log"
+        self.samples_png = self.path / "samples.png"
+        self.reconstructions_png = self.path / "reconstructions.png"
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # ---------------------------------------------------------------- run.json
+
+    def exists(self) -> bool:
+        return self.run_json.exists()
+
+    def read_info(self) -> dict:
+        """run.json, checked field by field (its configs are checked by from_dict where they are used)."""
+        info = require_fields(read_json(self.run_json), self.run_json, model=str, status=str, model_config=dict,
+                              train_config=dict)
+        if info["status"] not in STATUSES:
+            raise GenbenchError(f"{self.run_json}: status must be 'running' or 'complete', got {info['status']!r}")
+        return info
+
+    def write_info(self, info: dict) -> None:
+        try:
+            write_json(self.run_json, info)
+        except OSError as e:
+            raise GenbenchError(f"{self.run_json}: cannot write ({e.strerror or e})") from None
+
+    def is_complete(self) -> bool:
+        """True when run.json reads and says complete; False for a missing, unfinished or unreadable run."""
+        try:
+            return self.read_info()["status"] == "complete"
+        except GenbenchError:
+            return False
+
+    def require_complete(self) -> dict:
+        """run.json of a finished run whose exported model is there, else a clear error."""
+        if not self.path.is_dir():
+            raise GenbenchError(f"{self.path}: run folder not found")
+        info = self.read_info()
+        if info["status"] != "complete" or not (self.model_dir / "config.json").exists():
+            raise GenbenchError(f"{self.path}: training has not finished; continue it with `genbench train ... --resume`")
+        return info
+
+    # ---------------------------------------------------------------- log.jsonl
+
+    def read_log(self) -> list[dict]:
+        """The logged records (lines that are not JSON objects, e.g. torn by a kill, are skipped)."""
+        return [record for _, record in self._log_lines()]
+
+    def _log_lines(self) -> list[tuple[str, dict]]:
+        if not self.log_path.exists():
+            return []
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as e:
+            raise GenbenchError(f"{self.log_path}: cannot read the training log ({e.strerror or e})") from None
+        out = []
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(record, dict):
+                out.append((line, record))
+        return out
+
+    def curves(self) -> dict[str, dict[str, list]]:
+        """Training loss per stage: {stage: {"step": [...], "loss": [...]}}."""
+        curves: dict[str, dict[str, list]] = {}
+        for rec in self.read_log():
+            if isinstance(rec.get("step"), int) and isinstance(rec.get("loss"), (int, float)):
+                c = curves.setdefault(rec.get("stage", "main"), {"step": [], "loss": []})
+                c["step"].append(rec["step"])
+                c["loss"].append(rec["loss"])
+        return curves
+
+    def last_global_step(self) -> int:
+        """The latest `global_step` logged (0 before the first record); reads only the log's tail,
+        so a progress bar can poll it cheaply."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, f.seek(0, 2) - 4096))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return 0
+        for line in reversed(lines):
+            try:
+                step = json.loads(line).get("global_step")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(step, int):
+                return step
+        return 0
+
+    def open_log(self, resume_from_global_step: int) -> TrainingLog:
+        """The log, opened for appending after the records up to the step being resumed from: steps a
+        killed run logged after its last checkpoint are trained again, and a line torn by the kill is
+        dropped."""
+        keep = [line + "\n" for line, r in self._log_lines()
+                if isinstance(r.get("global_step"), int) and r["global_step"] <= resume_from_global_step]
+        try:
+            if self.log_path.exists():
+                atomic_write_bytes(self.log_path, "".join(keep).encode())
+            return TrainingLog(open(self.log_path, "a"))
+        except OSError as e:
+            raise GenbenchError(f"{self.log_path}: cannot write the training log ({e.strerror or e})") from None
+
+
+class TrainingLog:
+    """log.jsonl opened for appending: one flushed JSON line per record."""
+
+    def __init__(self, file: IO[str]):
+        self.file = file
+
+    def append(self, record: dict) -> None:
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise GenbenchError(f"{self.file.name}: cannot write the training log ({e.strerror or e})") from None
+
+    def close(self) -> None:
+        self.file.close()

@@ -1,0 +1,71 @@
+"""The comparison as a library function: `run_comparison` from Python, no argparse, on tiny budgets."""
+
+import json
+
+import pytest
+
+from genbench.data import DatasetSpec
+from genbench.errors import GenbenchError
+from genbench.evaluation.compare import run_comparison, split_model_sets
+
+SETS = {
+    "ae": ["arch=mlp", "train.steps=20"],
+    "vqvae": ["train.stages.autoencoder.steps=20", "train.stages.prior.steps=10", "prior_layers=1", "prior_embd=16",
+              "prior_heads=2"],
+    "ddpm": ["train.steps=5"],  # not compared below: items for other known models are ignored
+}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lib")
+    return out, run_comparison(DatasetSpec("digits"), out, models=["ae", "vqvae"], sets=SETS, num_samples=200,
+                               eval_limit=64, jobs=1, progress=False)
+
+
+def test_the_result_is_returned_and_written(result):
+    out, res = result
+    assert [r["name"] for r in res["rows"]] == ["train set (floor)", "uniform noise (ceiling)", "ae", "vqvae"]
+    assert res["dataset"] == {"name": "digits", "data_dir": None, "image_size": None, "limit": None}
+    assert res["num_samples"] == 200 and res["eval_test_images"] == 64 and res["preset"] == "quick"
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert [r["fd"] for r in on_disk["rows"]] == [r["fd"] for r in res["rows"]]
+    assert set(res["reports"]) == {"json", "md", "html"} and all(open(p) for p in res["reports"].values())
+    for m in ("ae", "vqvae"):
+        assert json.loads((out / m / "run.json").read_text())["sets"] == SETS[m]
+
+
+def test_every_model_with_a_latent_space_shows_interpolations(result):
+    """VQ models interpolate in their continuous pre-quantization latents (decoded through the codebook)."""
+    rows = {r["name"]: r for r in result[1]["rows"]}
+    for m in ("ae", "vqvae"):
+        assert set(rows[m]["images_png"]) == {"samples", "reconstructions", "interpolations"}, m
+    assert rows["vqvae"]["family"]["latent"].startswith("discrete code grid")
+
+
+def test_a_finished_comparison_is_reused(result):
+    out, res = result
+    again = run_comparison(DatasetSpec("digits"), out, models=["ae", "vqvae"], sets=SETS, num_samples=200,
+                           eval_limit=64, jobs=1, progress=False)
+    assert [r["fd"] for r in again["rows"]] == [r["fd"] for r in res["rows"]]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"models": ["ae", "ae"]}, "a model is listed twice"),
+    ({"models": ["ae", "gan9000"]}, "unknown model 'gan9000'"),
+    ({"sets": {"gan9000": ["x=1"]}}, r"sets: unknown model\(s\) \['gan9000'\]"),
+    ({"jobs": 0}, "jobs must be >= 1, got 0"),
+    ({"num_samples": 1}, "num_samples must be >= 2, got 1"),
+])
+def test_bad_requests_fail_before_any_work(tmp_path, kwargs, match):
+    with pytest.raises(GenbenchError, match=match):
+        run_comparison(DatasetSpec("digits"), tmp_path / "o", **{"models": ["ae"], **kwargs})
+    assert not (tmp_path / "o").exists()
+
+
+def test_split_model_sets():
+    assert split_model_sets(["vae:latent_dim=8", "ae:train.lr=1e-3", "vae:beta=0.5"]) == {
+        "vae": ["latent_dim=8", "beta=0.5"], "ae": ["train.lr=1e-3"]}
+    for bad in ("latent_dim=8", "gan:x=1"):
+        with pytest.raises(GenbenchError, match="expected MODEL:KEY=VALUE"):
+            split_model_sets([bad])

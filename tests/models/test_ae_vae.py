@@ -1,0 +1,105 @@
+"""AE and VAE: the VAE's ELBO/IWAE bookkeeping against independent computations, and the AE heuristic."""
+
+import math
+
+import pytest
+import scipy.stats as st
+import torch
+
+from genbench.core.gaussian import discretized_gaussian_log_likelihood
+from genbench.models.ae import AE, AEConfig
+from genbench.models.vae import VAE, VAEConfig
+from genbench.training.run import train_run
+
+
+@pytest.mark.parametrize("mu, s", [(0.0, 0.01), (0.3, 0.05), (1.2, 0.2), (-0.4, 3.0), (0.5, 1e-4)])
+def test_discretized_gaussian_matches_scipy_and_sums_to_one(mu, s):
+    levels = torch.arange(256, dtype=torch.float64) / 255
+    lp = discretized_gaussian_log_likelihood(levels[:, None], torch.full((256, 1), mu, dtype=torch.float64),
+                                             math.log(s))
+    edges = [-math.inf] + [(k + 0.5) / 255 for k in range(255)] + [math.inf]
+    # upper-tail bins through the survival function, where differences of CDFs near 1 cancel
+    ref = [st.norm.sf(edges[k], mu, s) - st.norm.sf(edges[k + 1], mu, s) if edges[k] > mu
+           else st.norm.cdf(edges[k + 1], mu, s) - st.norm.cdf(edges[k], mu, s) for k in range(256)]
+    ref_log = torch.log(torch.tensor(ref, dtype=torch.float64))
+    finite = torch.isfinite(ref_log) & (ref_log > -600)
+    torch.testing.assert_close(lp[finite], ref_log[finite], rtol=1e-6, atol=1e-9)
+    assert lp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_discretized_gaussian_gradients_finite_in_tails():
+    x = torch.tensor([[0.0, 1.0, 0.5, 0.2]])
+    mean = torch.tensor([[0.1, 0.9, 0.5, 30.0]], requires_grad=True)
+    log_scale = torch.tensor(-6.0, requires_grad=True)
+    out = discretized_gaussian_log_likelihood(x, mean, log_scale)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(mean.grad).all() and torch.isfinite(log_scale.grad)
+
+
+def _vae(likelihood="discretized_gaussian"):
+    torch.manual_seed(0)
+    return VAE(VAEConfig(arch="mlp", latent_dim=3, width=32, likelihood=likelihood, iwae_samples=8)).double()
+
+
+@pytest.mark.parametrize("likelihood", ["discretized_gaussian", "gaussian", "bernoulli"])
+def test_vae_loss_is_negative_elbo_by_monte_carlo(likelihood):
+    """loss = E_q[-log p(x|z)] + KL: average many single-sample losses and compare with an
+    independent ELBO estimate E_q[log p(x,z) - log q(z|x)] from torch.distributions."""
+    vae = _vae(likelihood)
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    torch.manual_seed(1)
+    # 3000 single-sample losses at once: the loss is a batch mean, so tile the batch 3000 times
+    losses = vae.loss(x.repeat(3000, 1, 1, 1))["loss"].reshape(1)
+    mean, log_var = vae.posterior(x.float().double())
+    q = torch.distributions.Independent(torch.distributions.Normal(mean, (0.5 * log_var).exp()), 1)
+    p = torch.distributions.Independent(torch.distributions.Normal(torch.zeros_like(mean), 1.0), 1)
+    z = q.sample((3000,))
+    log_w = torch.stack([vae.decoder_log_likelihood(x, zk) for zk in z]) + p.log_prob(z) - q.log_prob(z)
+    ref = -log_w.mean(0).mean()
+    se = 2 * log_w.mean(1).std() / math.sqrt(3000)  # two independent estimates of similar spread
+    assert abs(losses.mean() - ref) < 4 * se + 1e-9
+
+
+def test_iwae_bound_is_at_least_elbo_and_k1_equals_elbo():
+    vae = _vae()
+    x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    elbo, iwae = vae.log_likelihood_bounds(x, 64, generator=g)
+    assert (iwae >= elbo - 1e-9).all()  # Jensen: log mean exp >= mean log
+    g1 = torch.Generator().manual_seed(3)
+    e1, i1 = vae.log_likelihood_bounds(x, 1, generator=g1)
+    torch.testing.assert_close(e1, i1)
+
+
+def test_vae_evaluate_reports_nats_and_bits(digits):
+    vae = VAE(VAEConfig(arch="mlp", latent_dim=3, width=32, iwae_samples=4))
+    out = vae.evaluate(digits.test[:16], generator=torch.Generator().manual_seed(0))
+    assert out["bits_per_dim"] == pytest.approx(-out["test_iwae4_nats"] / (64 * math.log(2)))
+    assert out["bits_per_dim"] <= out["test_elbo_bits_per_dim"] + 1e-6
+
+
+def test_ae_sampling_heuristic_fits_training_latents(tmp_path, tiny_digits):
+    run = train_run("ae", tiny_digits, tmp_path / "r", progress=False,
+                    sets=["arch=mlp", "latent_dim=4", "width=32", "train.steps=30", "train.batch_size=64"])
+    from genbench.models import GenerativeModel
+
+    ae = GenerativeModel.from_pretrained(run / "model")
+    with torch.no_grad():
+        z = ae.encode(tiny_digits.train)
+    torch.testing.assert_close(ae.latent_mean, z.mean(0), atol=1e-4, rtol=1e-4)
+    cov = ae.latent_scale_tril @ ae.latent_scale_tril.T
+    torch.testing.assert_close(cov, torch.cov(z.T), atol=1e-3, rtol=1e-3)
+    s = ae.sample(16, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (16, 1, 8, 8) and s.min() >= 0 and s.max() <= 1
+    ev = ae.evaluate(tiny_digits.test)
+    assert ev["bits_per_dim"] is None and "no density model" in ev["bpd_estimator"]
+
+
+@pytest.mark.parametrize("cls, cfg", [(AE, AEConfig), (VAE, VAEConfig)])
+@pytest.mark.parametrize("size, channels", [(8, 1), (28, 1), (30, 3)])
+def test_conv_shapes(cls, cfg, size, channels):
+    model = cls(cfg(arch="conv", image_size=size, image_channels=channels, latent_dim=5, width=8))
+    x = torch.rand(2, channels, size, size)
+    assert model.reconstruct(x).shape == x.shape
+    assert model.sample(3).shape == (3, channels, size, size)
+    assert torch.isfinite(model.loss(x)["loss"])
