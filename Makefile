@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/demo
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,8 @@ demo: setup
 
 test: setup
 	@bash scripts/setup_system.sh chromium
-	$(PY) -m pytest -n 2 -q
-
-test-slow: setup
-	$(PY) -m pytest -q -m slow
+	# --dist loadfile: a module fixture (a trained tiny run) is built once, not once per worker
+	$(PY) -m pytest -n 2 --dist loadfile -q
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

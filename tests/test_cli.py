@@ -50,9 +50,26 @@ def test_evaluate_json(vae_run, tmp_path, capsys):
     assert saved["test_iwae100_nats"] >= saved["test_elbo_nats"]
 
 
-def test_reconstruct(vae_run, tmp_path, capsys):
+def test_reconstruct_writes_the_grid_and_the_true_mse(vae_run, tmp_path, capsys):
+    """The printed MSE equals one computed here from the exported model and the test images; the
+    grid holds the 8 test images beside their 8 reconstructions."""
+    import re
+
+    import torch
+
+    from genbench.data import load_dataset
+    from genbench.models import GenerativeModel
+
     assert main(["reconstruct", str(vae_run), "-n", "8", "--out", str(tmp_path / "r.png")]) == 0
-    assert "reconstruction MSE" in capsys.readouterr().out
+    printed = float(re.search(r"reconstruction MSE ([0-9.]+) on 8 test images", capsys.readouterr().out).group(1))
+    x = load_dataset("digits", limit=200).test[:8]
+    with torch.no_grad():
+        mse = torch.mean((GenerativeModel.from_pretrained(vae_run).reconstruct(x) - x) ** 2).item()
+    assert printed == pytest.approx(mse, abs=5e-6)  # printed with 5 decimals
+    grid = np.asarray(Image.open(tmp_path / "r.png"))
+    assert grid.shape == (2 * 33 + 1, 8 * 33 + 1)  # 16 tiles of 8x8 upscaled x4, 8 per row, 1-pixel gaps
+    first = (x[0, 0].numpy() * 255 + 0.5).astype(np.uint8).repeat(4, 0).repeat(4, 1)
+    assert np.array_equal(grid[1:33, 1:33], first)  # the first tile is the first test image
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -72,14 +89,110 @@ def test_errors_are_one_line_exit_2(argv, match, tmp_path, capsys):
     assert match in err
 
 
+@pytest.fixture(scope="module")
+def unfinished_run(tmp_path_factory):
+    from genbench.data import DatasetSpec, load_dataset
+    from genbench.training.loop import Interrupted
+    from genbench.training.run import train_run
+
+    out = tmp_path_factory.mktemp("cli") / "cut"
+    sets = ["arch=mlp", "latent_dim=4", "width=32", "train.steps=20", "train.batch_size=64", "train.ckpt_every=5"]
+    with pytest.raises(Interrupted):
+        train_run("vae", load_dataset("digits", limit=200), out, sets=sets, progress=False, interrupt_at=5,
+                  dataset_spec=DatasetSpec("digits", limit=200))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddpm_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "ddpm"
+    sets = ["unet.base_channels=8", "unet.num_heads=1", "diffusion.num_timesteps=20", "sampler.steps=2",
+            "bpd_timesteps=2", "bpd_images=8", "train.steps=2", "train.batch_size=16"]
+    assert main(["train", "ddpm", "--dataset", "digits", "--limit", "64", "--out", str(out), "--no-progress",
+                 "--no-images", *[a for s in sets for a in ("--set", s)]]) == 0
+    return out
+
+
+def _one_line_error(capsys, match):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("genbench: error:") and len(err.splitlines()) == 1, err
+    assert match in err, err
+
+
+@pytest.mark.parametrize("argv", [["sample", "{run}", "--out", "{tmp}/s.png"], ["evaluate", "{run}"],
+                                  ["reconstruct", "{run}"]])
+def test_an_unfinished_run_is_refused_with_how_to_finish_it(unfinished_run, tmp_path, capsys, argv):
+    assert main([a.format(run=unfinished_run, tmp=tmp_path) for a in argv]) == 2
+    _one_line_error(capsys, "training has not finished; continue it with `genbench train ... --resume`")
+    assert not (unfinished_run / "eval.json").exists() and not (tmp_path / "s.png").exists()
+
+
+def test_reconstruct_on_a_model_without_reconstruction(ddpm_run, tmp_path, capsys):
+    assert main(["reconstruct", str(ddpm_run), "--out", str(tmp_path / "r.png")]) == 2
+    _one_line_error(capsys, "ddpm has no reconstruction (it does not encode images)")
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_evaluate_on_a_model_without_reconstruction_reports_its_bound(ddpm_run, tmp_path, capsys):
+    assert main(["evaluate", str(ddpm_run), "--out", str(tmp_path / "e.json")]) == 0
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert "reconstruction_mse" not in saved and saved["bits_per_dim"] > 0 and "variational bound" in saved["bpd_estimator"]
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_sample_count_must_be_positive(vae_run, tmp_path, capsys, n):
+    assert main(["sample", str(vae_run), "-n", n, "--out", str(tmp_path / "s.png")]) == 2
+    _one_line_error(capsys, f"-n must be >= 1, got {n}")
+
+
+@pytest.mark.parametrize("value", ["two", "0", "-1", "1.5"])
+def test_a_bad_thread_count_variable_is_one_error(monkeypatch, capsys, value):
+    monkeypatch.setenv("GENBENCH_THREADS", value)
+    assert main(["models"]) == 2
+    _one_line_error(capsys, f"GENBENCH_THREADS={value!r}: expected a positive integer")
+
+
+def test_ctrl_c_exits_130_with_a_hint(monkeypatch, capsys):
+    import genbench.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_models", interrupted)
+    assert main(["models"]) == 130
+    assert "interrupted; continue with --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--models", "ae,vae,ae"], "a model is listed twice"),
+    (["--models", "ae", "--num-samples", "1"], "num_samples must be >= 2, got 1"),
+    (["--models", "ae", "--set", "latent_dim=4"], "--set 'latent_dim=4': expected MODEL:KEY=VALUE"),
+    (["--models", "ae", "--set", "ae:nope=1"], "unknown key 'nope'"),
+])
+def test_compare_request_errors_before_any_work(tmp_path, capsys, extra, match, monkeypatch):
+    import genbench.evaluation.compare as compare
+
+    monkeypatch.setattr(compare, "get_feature_network", lambda ds: pytest.fail("work started before the error"))
+    assert main(["compare", "--dataset", "digits", "--out", str(tmp_path / "o"), "--no-progress", *extra]) == 2
+    _one_line_error(capsys, match)
+    assert not (tmp_path / "o").exists()
+
+
 def test_sample_bad_suffix(vae_run, capsys):
     assert main(["sample", str(vae_run), "--out", "samples.jpg"]) == 2
     assert ".png" in capsys.readouterr().err
 
 
 def test_console_script_help_and_models(capsys):
-    out = subprocess.run([sys.executable, "-m", "genbench", "models"], capture_output=True, text=True, check=True).stdout
-    assert "ae " in out and "vae " in out
+    import shutil
+    from pathlib import Path
+
+    script = shutil.which("genbench", path=str(Path(sys.executable).parent))  # the installed console script
+    assert script is not None
+    for cmd in ([script, "models"], [sys.executable, "-m", "genbench", "models"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        assert [line.split()[0] for line in out.splitlines()] == ["ae", "vae", "vqvae", "vqgan", "ddpm", "ldm"]
+        assert all(len(line.split(maxsplit=1)) == 2 for line in out.splitlines())  # each with its description
     for cmd in ("train", "sample", "reconstruct", "evaluate", "compare"):
         with pytest.raises(SystemExit) as exit_info:
             main([cmd, "--help"])

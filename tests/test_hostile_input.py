@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import pickle
+import re
 import shutil
 import struct
 import tempfile
@@ -359,16 +360,34 @@ def test_random_set_items_give_genbench_errors(items):
 
 
 @PROPERTY
-@given(content=st.binary(max_size=200) | JSON.map(lambda v: json.dumps(v).encode()))
+@given(content=st.binary(max_size=200) | JSON.map(lambda v: json.dumps(v).encode())
+       | _config_dicts(AEConfig).map(lambda v: json.dumps(v).encode()))
 def test_random_bytes_as_json_config(content, tmp_path):
+    """Any bytes read as a config: refused by read_json or from_dict with a message that says what is
+    wrong, or accepted as a valid AEConfig."""
     path = tmp_path / "config.json"
     path.write_bytes(content)
     try:
         obj = read_json(path)
-    except GenbenchError:
+    except GenbenchError as e:
+        assert str(e).startswith(f"{path}: ") and ("not valid JSON" in str(e) or "too deeply nested" in str(e))
         return
-    with pytest.raises(GenbenchError):  # valid JSON but not a model config
-        from_dict(AEConfig, obj) if not isinstance(obj, dict) else from_dict(AEConfig, {**obj, "latent_dim": -1})
+    if not isinstance(obj, dict):
+        with pytest.raises(GenbenchError, match=rf"^AEConfig: expected a mapping of fields, got {type(obj).__name__}$"):
+            from_dict(AEConfig, obj)
+        return
+    known = {f.name for f in fields(AEConfig)}
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        with pytest.raises(GenbenchError, match=rf"^AEConfig: unknown field\(s\) {re.escape(str(unknown))}; valid fields"):
+            from_dict(AEConfig, obj)
+        return
+    try:
+        cfg = from_dict(AEConfig, obj)
+    except GenbenchError as e:  # a known field with a wrong type or value: the message names it
+        assert any(str(e).startswith(f"AEConfig.{k}: ") or f"ae config: {k} must be" in str(e) for k in obj), str(e)
+        return
+    assert isinstance(cfg, AEConfig) and all(getattr(cfg, k) == v for k, v in obj.items())
 
 
 @pytest.mark.parametrize("text", ["[" * 100_000, '{"lr": 1' + "0" * 5000 + "}"])

@@ -122,7 +122,7 @@ def cmd_compare(args) -> int:
     result = run_comparison(_dataset_spec(args), args.out, models=models, preset=args.preset,
                             sets=split_model_sets(args.set), num_samples=args.num_samples,
                             eval_limit=args.eval_limit, seed=args.seed, device=args.device, jobs=args.jobs,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, replace=args.replace)
     print(f"[compare] done in {result['wall_time_s']:.0f}s; report: {result['reports']['html']}")
     return 0
 
@@ -148,11 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model into a run folder (resumable)")
     p.add_argument("model", help="ae | vae | vqvae | vqgan | ddpm | ldm (see `genbench models`)")
     _dataset_args(p)
-    p.add_argument("--preset", default="quick", help="quick | standard (default: quick)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set latent_dim=8 --set train.lr=1e-3 (repeatable)")
+    p.add_argument("--preset", default=None,
+                   help="quick | standard (default: quick; with --resume: the run's own)")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set latent_dim=8 --set train.lr=1e-3 (repeatable; "
+                        "with --resume they must be the run's own)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<model>-<dataset>)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run in --out (refused if it was made by another request)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample grid written after training")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-images", action="store_true", help="skip samples.png / reconstructions.png after training")
@@ -198,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None,
                    help="models trained at once, each in its own process (default: cores / threads per "
                         "process, e.g. 2 on a 2-core machine; 1 trains in this process)")
+    p.add_argument("--replace", action="store_true",
+                   help="a model folder in --out made by another request is moved aside (MODEL.replaced-K) and "
+                        "trained anew, instead of an error")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
 

@@ -1,5 +1,6 @@
 """Tests for genbench.core.quantizer against brute force, autograd and hand-computed EMA numbers."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -163,6 +164,35 @@ def test_kmeans_plus_plus_seeds_one_code_per_separated_cluster():
     assert sorted(nearest_centre.tolist()) == list(range(8))
     again = kmeans_plus_plus(x, 8, torch.Generator().manual_seed(0))
     assert torch.equal(seeds, again)  # the generator makes it reproducible
+
+
+def test_kmeans_plus_plus_draws_follow_the_d_squared_distribution():
+    """Seeding 3 centres from 5 points, 3000 times: the frequencies of the ordered triples (60 cells)
+    against the k-means++ probabilities computed in numpy, P(i, j, l) = 1/5 * D_i(j)^2 / sum D_i^2 *
+    min(D_i(l), D_j(l))^2 / sum min(D_i, D_j)^2 (first centre uniform, each next one proportional to the
+    squared distance to the nearest centre so far). Chi-square test, 59 degrees of freedom: sampling
+    proportional to D instead of D^2 gives a statistic of ~460 (p ~ 1e-64), uniform sampling ~2400; the
+    distance to the last centre only (no minimum) draws chosen points again."""
+    import itertools
+    from collections import Counter
+
+    from scipy.stats import chisquare
+
+    pts = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 1.0], [1.5, 1.5]])
+    d2 = ((pts[:, None] - pts[None]) ** 2).sum(-1)
+    expected = {}
+    for i, j, l in itertools.permutations(range(5), 3):
+        nearest = np.minimum(d2[i], d2[j])
+        expected[(i, j, l)] = d2[i, j] / d2[i].sum() * nearest[l] / nearest.sum() / 5
+    x = torch.tensor(pts)
+    g = torch.Generator().manual_seed(0)
+    n = 3000
+    counts = Counter(tuple(int((x == c).all(1).nonzero()) for c in kmeans_plus_plus(x, 3, g)) for _ in range(n))
+    cells = sorted(expected)
+    assert sum(expected.values()) == pytest.approx(1.0) and min(expected.values()) * n > 5
+    assert set(counts) <= set(cells)  # a point already chosen is never drawn again (D = 0)
+    result = chisquare([counts[c] for c in cells], [expected[c] * n for c in cells])
+    assert result.pvalue > 1e-3, result
 
 
 def test_lloyd_matches_sklearn_kmeans_from_same_seeds():

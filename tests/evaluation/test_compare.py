@@ -50,6 +50,23 @@ def test_a_finished_comparison_is_reused(result):
     assert [r["fd"] for r in again["rows"]] == [r["fd"] for r in res["rows"]]
 
 
+def test_another_request_is_refused_or_replaced_by_choice(tmp_path):
+    kw = dict(models=["ae"], num_samples=100, eval_limit=32, jobs=1, progress=False)
+    first = run_comparison(DatasetSpec("digits"), tmp_path, sets={"ae": ["arch=mlp", "train.steps=10"]}, **kw)
+    record = (tmp_path / "ae" / "run.json").read_bytes()
+    other = {"ae": ["arch=mlp", "train.steps=10", "latent_dim=8"]}
+    for request in ({"sets": other}, {"sets": {"ae": ["arch=mlp", "train.steps=10"]}, "preset": "standard"}):
+        with pytest.raises(GenbenchError, match="holds a run of another request .*choose another --out, or pass --replace"):
+            run_comparison(DatasetSpec("digits"), tmp_path, **request, **kw)
+        assert (tmp_path / "ae" / "run.json").read_bytes() == record  # nothing touched
+    with pytest.raises(GenbenchError, match=r"dataset.limit: None here, 300 requested"):
+        run_comparison(DatasetSpec("digits", limit=300), tmp_path, sets={"ae": ["arch=mlp", "train.steps=10"]}, **kw)
+    replaced = run_comparison(DatasetSpec("digits"), tmp_path, sets=other, replace=True, **kw)
+    assert (tmp_path / "ae.replaced-1" / "run.json").read_bytes() == record  # moved aside, not deleted
+    assert json.loads((tmp_path / "ae" / "run.json").read_text())["model_config"]["latent_dim"] == 8
+    assert replaced["rows"][2]["fd"] != first["rows"][2]["fd"]
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"models": ["ae", "ae"]}, "a model is listed twice"),
     ({"models": ["ae", "gan9000"]}, "unknown model 'gan9000'"),

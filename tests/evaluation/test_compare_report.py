@@ -176,7 +176,19 @@ def test_report_in_headless_chromium(compare_dir, tmp_path):
 
 
 # last: it rewrites the report of the shared folder with one model
-def test_compare_reuses_finished_runs(compare_dir, capsys):
-    before = (compare_dir / "vae" / "model" / "model.safetensors").read_bytes()
+def test_compare_reuses_finished_runs_without_training(compare_dir, capsys, monkeypatch):
+    from genbench.training import run as run_mod
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run of the same request was trained again")
+
+    monkeypatch.setattr(run_mod, "train", fail)
+    before = (compare_dir / "vae" / "run.json").read_bytes()
     assert main(["compare", "--dataset", "digits", "--models", "vae", "--out", str(compare_dir), *TINY]) == 0
-    assert (compare_dir / "vae" / "model" / "model.safetensors").read_bytes() == before
+    assert (compare_dir / "vae" / "run.json").read_bytes() == before
+    # another request on the same folder: refused before any work, naming the difference
+    changed = [a.replace("vae:train.steps=30", "vae:train.steps=31") for a in TINY]
+    assert main(["compare", "--dataset", "digits", "--models", "vae", "--out", str(compare_dir), *changed]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of another request (train.steps: 30 here, 31 requested)" in err and "--replace" in err
+    assert (compare_dir / "vae" / "run.json").read_bytes() == before

@@ -60,6 +60,34 @@ def test_vae_loss_is_negative_elbo_by_monte_carlo(likelihood):
     assert abs(losses.mean() - ref) < 4 * se + 1e-9
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.25, 4.0])
+def test_vae_loss_weights_the_kl_by_beta(beta):
+    """loss = mean_b[-log p(x|z) + beta KL(q(z|x) || N(0, I))] at the z = mu + sigma eps of the noise
+    the loss draws (same seed), recomputed from the encoder's raw output with torch.distributions
+    (Gaussian decoder density, KL between Normals); the logged ELBO stays -(rec + KL), unweighted."""
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(arch="mlp", latent_dim=3, width=32, likelihood="gaussian", beta=beta)).double()
+    with torch.no_grad():
+        vae.decoder_log_var.fill_(math.log(0.3**2))
+    x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
+    torch.manual_seed(7)
+    out = vae.loss(x)
+    torch.manual_seed(7)
+    eps = torch.randn(5, 3, dtype=torch.float64)
+    with torch.no_grad():
+        h = vae.encoder(x)
+        mean, std = h[:, :3], (0.5 * h[:, 3:]).exp()
+        z = mean + std * eps
+        N = torch.distributions.Normal
+        rec = -N(vae.decoder(z), 0.3).log_prob(x).sum((1, 2, 3))
+        kl = torch.distributions.kl_divergence(N(mean, std), N(0.0, 1.0)).sum(1)
+    assert kl.mean() > 0.01 and rec.mean() > 1  # both terms matter
+    assert out["loss"].item() == pytest.approx((rec + beta * kl).mean().item(), rel=1e-12)
+    assert out["rec_nll"].item() == pytest.approx(rec.mean().item(), rel=1e-12)
+    assert out["kl"].item() == pytest.approx(kl.mean().item(), rel=1e-12)
+    assert out["elbo"].item() == pytest.approx(-(rec + kl).mean().item(), rel=1e-12)
+
+
 def test_iwae_bound_is_at_least_elbo_and_k1_equals_elbo():
     vae = _vae()
     x = torch.rand(6, 1, 8, 8, dtype=torch.float64)

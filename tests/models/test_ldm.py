@@ -16,11 +16,13 @@ from torch import nn
 
 from genbench.files import read_tensors
 from genbench.models import GenerativeModel
-from genbench.config import from_dict
+from genbench.config import from_dict, to_dict
 from genbench.core.samplers import ddim_timesteps
 from genbench.errors import GenbenchError
+from genbench.models.base import get_model_class
 from genbench.models.presets import PRESETS
 from genbench.models.ldm import LDM, LDMConfig, vector_grid
+from genbench.training.checkpoint import load_checkpoint
 from genbench.training.loop import Interrupted
 from genbench.training.run import train_run
 from tests.core.test_diffusion import GaussianOracle, assert_moments, exact_ddim_moments, exact_ddpm_moments, np_alphas_cumprod
@@ -95,17 +97,35 @@ def test_scale_factor_gives_unit_variance_on_the_encoded_data(trained, tiny_digi
     assert json.loads((trained / "run.json").read_text())["model_config"]["scale_factor"] is None
 
 
+def standalone_first_stage(config: dict, weights: dict):
+    """The LDM's first stage rebuilt as a model of its own, outside the LDM: its class and config
+    (the LDM config's overrides of that kind, at the LDM's image shape) and the LDM's `first_stage.*`
+    weights. A VQ model's transformer prior, which the LDM does not build, is left untrained."""
+    cls = get_model_class(config["first_stage"])
+    cfg = from_dict(cls.Config, {**config[config["first_stage"]], "image_channels": config["image_channels"],
+                                 "image_size": config["image_size"]})
+    model = cls(cfg)
+    state = {k[len("first_stage."):]: v for k, v in weights.items() if k.startswith("first_stage.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("prior.") for k in missing)
+    return model.eval()
+
+
 def test_decode_of_encode_equals_the_first_stage_reconstruction(trained, tiny_digits):
     """VQ first stage: the scale is inverted before the nearest-code lookup, so the wrapper's round
-    trip is exactly the VQ-VAE's own reconstruction D(q(E(x)))."""
+    trip is exactly the VQ-VAE's own reconstruction D(q(E(x))), here computed by a VQ-VAE built
+    outside the LDM from the exported config and weights."""
     model = GenerativeModel.from_pretrained(trained / "model")
+    vq = standalone_first_stage(json.loads((trained / "model" / "config.json").read_text())["config"],
+                                read_tensors(trained / "model" / "model.safetensors"))
     x = tiny_digits.test[:64]
     with torch.no_grad():
         z = model.encode(x)
         out = model.decode(z)
         assert z.shape == (64, 4, 4, 4)
-        assert torch.equal(out, model.first_stage.reconstruct(x))
-        assert torch.equal(model.reconstruct(x), out)
+        expected = vq.reconstruct(x)
+        assert torch.equal(out, expected)
+        assert torch.equal(model.reconstruct(x), expected)
     assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
 
 
@@ -115,10 +135,13 @@ def test_vae_first_stage_round_trip_and_layout(tiny_digits):
     assert model.latent_shape == (1, 4, 4) and vector_grid(16) == (1, 4, 4) and vector_grid(12) == (3, 2, 2)
     model.prepare_stage("diffusion", tiny_digits.train)
     x = tiny_digits.test[:32]
+    vae = standalone_first_stage(to_dict(model.config), model.state_dict())
     with torch.no_grad():
         z = model.encode(x)
-        torch.testing.assert_close(z.flatten(1), model.first_stage.encode(x) * model.latent_scale)
-        torch.testing.assert_close(model.decode(z), model.first_stage.reconstruct(x), rtol=0, atol=1e-6)
+        mean = vae.posterior(x)[0]  # the posterior mean, by the VAE outside the LDM
+        torch.testing.assert_close(z.flatten(1), mean * model.latent_scale)
+        torch.testing.assert_close(model.decode(z), vae.decode(mean), rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.reconstruct(x), vae.decode(mean), rtol=0, atol=1e-6)
 
 
 def test_samples_shape_range_determinism_and_both_samplers(trained):
@@ -147,18 +170,90 @@ def test_evaluate_reports_latent_statistics_and_no_pixel_bound(trained, tiny_dig
     assert 0.5 < ev["test_latent_std"] < 2 and 0 < ev["test_diffusion_loss"] < 2
 
 
-def test_resumed_run_equals_uninterrupted(tmp_path, tiny_digits):
-    """Interrupted inside the diffusion stage: the resumed process did not measure the scale itself,
-    yet it exports the same weights and records the same scale factor in its config."""
-    sets = TINY + [stages(4, 4, ema_decay=0.5), "train.ckpt_every=2"]
+def logged_values(run):
+    """Every logged record except the throughput, which depends on the machine's load."""
+    lines = (run / "log.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
+
+
+# each kind of first stage, on top of TINY's U-Net and process (VQ-GAN: discriminator on from step 1,
+# so its optimizer has state at the first-stage cut; no perceptual network to train)
+FIRST_STAGE_SETS = {
+    "vqvae": [f"vqvae={json.dumps(TINY_VQ)}"],
+    "vqgan": ["first_stage=vqgan", "vqgan=" + json.dumps({**TINY_VQ, "disc_width": 8, "disc_layers": 2, "disc_start": 1,
+                                                          "perceptual_weight": 0.0})],
+    "vae": ["first_stage=vae", "vae=" + json.dumps({"arch": "mlp", "latent_dim": 16, "width": 32, "beta": 0.01})],
+}
+
+
+@pytest.mark.parametrize("first_stage", sorted(FIRST_STAGE_SETS))
+def test_resumed_run_equals_uninterrupted(tmp_path, tiny_digits, first_stage):
+    """Interrupted inside the first stage (step 2 of 4) and inside the diffusion stage (step 6 = 4 + 2),
+    then resumed: the same weights (bit for bit), the same log records and the same exported config
+    as an uninterrupted run. Cut in the diffusion stage, the resumed process did not measure the
+    scale itself, yet it records the same scale factor."""
+    sets = [s for s in TINY if not s.startswith("vqvae=")] + FIRST_STAGE_SETS[first_stage] + \
+        [stages(4, 4, ema_decay=0.5), "train.ckpt_every=2"]
     full = train_run("ldm", tiny_digits, tmp_path / "full", sets=sets, progress=False)
-    with pytest.raises(Interrupted):
-        train_run("ldm", tiny_digits, tmp_path / "cut", sets=sets, progress=False, interrupt_at=6)
-    cut = train_run("ldm", tiny_digits, tmp_path / "cut", resume=True, progress=False)
-    a, b = read_tensors(full / "model" / "model.safetensors"), read_tensors(cut / "model" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    cfg = [json.loads((r / "model" / "config.json").read_text())["config"] for r in (full, cut)]
-    assert cfg[0] == cfg[1] and cfg[0]["scale_factor"] == float(a["latent_scale"])
+    a = read_tensors(full / "model" / "model.safetensors")
+    cfg = json.loads((full / "model" / "config.json").read_text())["config"]
+    assert cfg["first_stage"] == first_stage and cfg["scale_factor"] == float(a["latent_scale"])
+    assert [(r["stage"], r["step"]) for r in logged_values(full)] == [("first_stage", 2), ("first_stage", 4),
+                                                                      ("diffusion", 2), ("diffusion", 4)]
+    for cut, stage in ((2, "first_stage"), (6, "diffusion")):
+        with pytest.raises(Interrupted):
+            train_run("ldm", tiny_digits, tmp_path / f"cut{cut}", sets=sets, progress=False, interrupt_at=cut)
+        assert load_checkpoint(tmp_path / f"cut{cut}" / "checkpoints")[1]["stage"] == stage
+        resumed = train_run("ldm", tiny_digits, tmp_path / f"cut{cut}", resume=True, progress=False)
+        b = read_tensors(resumed / "model" / "model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:  # bit for bit (a VQ-GAN without perceptual network has a NaN buffer)
+            assert (a[k].dtype, a[k].shape, a[k].numpy().tobytes()) == (b[k].dtype, b[k].shape, b[k].numpy().tobytes()), \
+                (cut, k)
+        assert logged_values(resumed) == logged_values(full), cut
+        assert json.loads((resumed / "model" / "config.json").read_text())["config"] == cfg, cut
+
+
+# the scale measured (VQ-VAE), or fixed (the untrained VAE's sampled latents have std ~1 already)
+@pytest.mark.parametrize("first_stage, scale_factor", [("vqvae", None), ("vae", 2.5)])
+def test_training_loss_is_l_simple_on_the_scaled_latents_of_a_frozen_first_stage(tiny_digits, first_stage,
+                                                                                   scale_factor):
+    """The diffusion stage's loss = mean (eps - eps_theta(sqrt(ab_t) s z + sqrt(1 - ab_t) eps, t))^2 with
+    z = E(x) (VQ-VAE: pre-quantization) or z ~ q(z|x) (VAE: mu + sigma eps_z, laid out 1x4x4), recomputed
+    from the same draws (global RNG seeded alike, drawn in the loss's order: eps_z, t, eps), ab_t from
+    numpy (Ho et al. sec. 4). After backward the first stage, in eval mode, has no gradient."""
+    torch.manual_seed(0)
+    model = LDM(tiny_config(first_stage=first_stage, scale_factor=scale_factor))
+    model.prepare_stage("diffusion", tiny_digits.train)
+    with torch.no_grad():  # the U-Net's output layer starts at zero: perturb it, or the loss ignores z
+        for p in model.unet.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.train()
+    x = tiny_digits.train[:8]
+    torch.manual_seed(11)
+    out = model.loss(x, stage="diffusion")
+    out["loss"].backward()
+    assert not model.first_stage.training and model.unet.training
+    assert all(p.grad is None for p in model.first_stage.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.unet.parameters())
+
+    s, T = float(model.latent_scale), TINY_DIFFUSION["num_timesteps"]
+    torch.manual_seed(11)
+    with torch.no_grad():
+        h = model.first_stage.encoder(x)
+        if first_stage == "vae":
+            mean, log_var = h.chunk(2, dim=1)
+            h = (mean + (0.5 * log_var).exp() * torch.randn(mean.shape)).view(8, 1, 4, 4)
+        z = s * h
+        t = torch.randint(0, T, (8,))
+        eps = torch.randn(z.shape)
+        ab = torch.as_tensor(np_alphas_cumprod(T, "linear", TINY_DIFFUSION["beta_start"], TINY_DIFFUSION["beta_end"]))
+        ab_t = ab[t].view(8, 1, 1, 1)
+        x_t = (ab_t.sqrt() * z.double() + (1 - ab_t).sqrt() * eps.double()).float()
+        expected = (model.unet(x_t, t) - eps).pow(2).mean()
+    assert s != pytest.approx(1.0, abs=0.05)  # the scale matters
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["latent_std"].item() == pytest.approx(z.std().item(), rel=1e-5)
 
 
 def test_vae_first_stage_trains_end_to_end(tmp_path, tiny_digits):

@@ -163,6 +163,47 @@ def test_adaptive_weight_inside_loss_is_eq_7(data):
     assert out["adaptive_weight"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("rec_loss, disc_loss", [("l1", "hinge"), ("l2", "vanilla")])
+def test_total_losses_are_the_sum_of_their_parts(env, data, rec_loss, disc_loss):
+    """Esser et al. eq. 5-6 recomputed from the model's parts: L_rec = |x - x^|_1 (or squared, per-pixel
+    mean) + w_p d_perc(x, x^), L_G = L_rec + L_vq + lambda f g_loss(D(x^)), L_D = f d_loss(D(x), D(x^)),
+    f = disc_factor from disc_start on and 0 before, lambda by eq. 7 with torch.autograd.grad, the GAN
+    losses written out (hinge: -mean l_fake, relu; vanilla: softplus). Weights != 1 so each one shows."""
+    w_p, f_on, disc_weight = 0.6, 0.7, 0.5
+    torch.manual_seed(0)
+    model = VQGAN(VQGANConfig(**TINY_CFG, rec_loss=rec_loss, disc_loss=disc_loss, perceptual_weight=w_p,
+                              disc_factor=f_on, disc_weight=disc_weight, beta=2.0,
+                              codebook_init="uniform"))  # codes away from the encoder outputs: L_vq shows
+    model.prepare_stage("autoencoder", data.train)
+    model.eval()  # the quantizer's state stays put, so each forward pass below is the same computation
+    x = data.train[:16]
+    relu, softplus = torch.nn.functional.relu, torch.nn.functional.softplus
+    for step in (DISC_START - 1, DISC_START):
+        out = model.loss(x, step=step)
+        q = model.quantizer(model.encoder(x))
+        x_hat = model.decoder(q.quantized)
+        rec = (x_hat - x).abs().mean() if rec_loss == "l1" else (x_hat - x).pow(2).mean()
+        l_rec = rec + w_p * model.perceptual_distance(x, x_hat).mean()
+        if step < DISC_START:
+            f, lam, g_loss, d_loss = 0.0, 0.0, torch.zeros(()), torch.zeros(())
+        else:
+            f = f_on
+            fake = model.discriminator(x_hat)
+            g_loss = -fake.mean() if disc_loss == "hinge" else softplus(-fake).mean()
+            grad_rec, = torch.autograd.grad(l_rec, model.last_layer, retain_graph=True)
+            grad_g, = torch.autograd.grad(g_loss, model.last_layer, retain_graph=True)
+            lam = disc_weight * min(max((grad_rec.norm() / (grad_g.norm() + 1e-4)).item(), 0.0), 1e4)
+            real, fake = model.discriminator(x), model.discriminator(x_hat.detach())
+            d_loss = relu(1 - real).mean() + relu(1 + fake).mean() if disc_loss == "hinge" else \
+                softplus(-real).mean() + softplus(fake).mean()
+            assert lam > 0 and abs(g_loss.item()) > 1e-3 and d_loss.item() > 0.1
+        assert q.loss.item() > 1e-2
+        assert out["loss"].item() == pytest.approx((l_rec + q.loss + lam * f * g_loss).item(), rel=1e-5), step
+        assert out["loss_disc"].item() == pytest.approx(f * d_loss.item(), rel=1e-5, abs=1e-12), step
+        assert out["adaptive_weight"].item() == pytest.approx(lam, rel=1e-5)
+        assert out["disc_factor"].item() == pytest.approx(f)
+
+
 # ----------------------------------------------------------------------------- through the trainer
 
 

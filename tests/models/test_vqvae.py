@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,7 +43,11 @@ def test_shapes_and_ranges_of_encode_decode_sample(trained):
     assert idx.shape == (5, 4, 4) and idx.dtype == torch.long and 0 <= idx.min() and idx.max() < 16
     for images in (model.decode_indices(idx), model.reconstruct(x)):
         assert images.shape == (5, 1, 8, 8) and 0 <= images.min() and images.max() <= 1
-    torch.testing.assert_close(model.decode(idx), model.decode_indices(idx))
+    # the decoder applied to the codebook rows the indices select, laid out channel-first, clamped to [0, 1]
+    with torch.no_grad():
+        raw = model.decoder(model.quantizer.codebook[idx].permute(0, 3, 1, 2))
+    assert ((raw < 0) | (raw > 1)).any()  # the clamp has work to do
+    assert torch.equal(model.decode(idx), raw.clamp(0, 1)) and torch.equal(model.decode_indices(idx), raw.clamp(0, 1))
     a = model.sample(6, generator=torch.Generator().manual_seed(3))
     b = model.sample(6, generator=torch.Generator().manual_seed(3))
     assert a.shape == (6, 1, 8, 8) and 0 <= a.min() and a.max() <= 1 and torch.equal(a, b)
@@ -146,6 +151,37 @@ def test_prepare_stage_initialises_codebook_from_encoder_outputs(tiny_digits):
     with torch.no_grad():
         out = model.quantizer.eval()(model.encoder(tiny_digits.train))
     assert float(out.usage) > 0.9  # k-means++ on encoder outputs: (almost) every code has data
+
+
+@pytest.mark.parametrize("update", ["ema", "gradient"])
+def test_autoencoder_loss_is_scaled_mse_plus_vq_loss(tiny_digits, update):
+    """L = mean (x - x_hat)^2 / Var(x) + L_vq, L_vq = beta mean (z_e - e)^2 (+ mean (z_e - e)^2, the codebook
+    term, with a gradient-trained codebook): e the nearest codes by brute force (float64 cdist), x_hat the
+    decoder on them, Var(x) the (unbiased) variance of the training pixels in numpy. In eval mode the
+    forward leaves the codebook as it is."""
+    torch.manual_seed(0)
+    beta = 0.4
+    # a data-free codebook (U(-1/K, 1/K)) away from the encoder outputs: a commitment term of some weight
+    model = VQVAE(VQVAEConfig(**TINY_CFG, codebook_update=update, beta=beta, codebook_init="uniform"))
+    model.prepare_stage("autoencoder", tiny_digits.train)
+    model.eval()
+    x = tiny_digits.train[:16]
+    out = model.loss(x)
+    with torch.no_grad():
+        z = model.encoder(x).double()  # (B, D, 4, 4)
+        book = model.quantizer.codebook.double()
+        rows = z.permute(0, 2, 3, 1).reshape(-1, book.shape[1])
+        e = book[torch.cdist(rows, book).argmin(1)].view(16, 4, 4, -1).permute(0, 3, 1, 2)
+        x_hat = model.decoder(e.float()).double()
+    var = np.var(tiny_digits.train.numpy().astype(np.float64), ddof=1)
+    mse = ((x_hat - x.double()) ** 2).mean().item()
+    commitment = ((z - e) ** 2).mean().item()
+    l_vq = beta * commitment + (commitment if update == "gradient" else 0.0)
+    assert mse / var > 0.1 and l_vq > 0.005  # both terms weigh in (far above the tolerance below)
+    assert out["loss"].item() == pytest.approx(mse / var + l_vq, rel=1e-5)
+    assert out["rec_mse"].item() == pytest.approx(mse, rel=1e-5)
+    assert out["commitment"].item() == pytest.approx(commitment, rel=1e-5)
+    assert out["codebook_loss"].item() == pytest.approx(commitment if update == "gradient" else 0.0, rel=1e-5)
 
 
 def test_golden_section_finds_maximum():

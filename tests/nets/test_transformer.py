@@ -30,7 +30,7 @@ def test_causality_with_sos_shift():
     for j in [0, 5, 11]:
         y = x.clone()
         y[:, j] = (y[:, j] + 1) % 11
-        lx, ly = model(x), model(y)
+        lx, ly = model.logits(x), model.logits(y)
         # x_j is read at input position j + 1: logits at positions <= j may not change
         torch.testing.assert_close(lx[:, : j + 1], ly[:, : j + 1])
         if j + 1 < 12:
@@ -40,7 +40,7 @@ def test_causality_with_sos_shift():
 def test_nll_is_sum_of_conditional_log_probs():
     model = perturb_(make_prior(1))
     x = torch.randint(11, (4, 7))
-    logp = torch.log_softmax(model(x).double(), -1)
+    logp = torch.log_softmax(model.logits(x).double(), -1)
     ref = -torch.stack([sum(logp[b, t, x[b, t]] for t in range(7)) for b in range(4)])
     torch.testing.assert_close(model.nll(x).double(), ref, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(model.loss(x).double(), ref.sum() / x.numel(), atol=1e-5, rtol=1e-5)
@@ -62,7 +62,7 @@ def test_initial_loss_is_near_log_vocab():
 def test_kv_cache_decoding_equals_full_forward():
     model = perturb_(make_prior(4))
     x = torch.randint(11, (3, 12))
-    full = model(x)
+    full = model.logits(x)
     # token by token
     cache = model.new_cache(3)
     tokens = torch.cat([torch.full((3, 1), model.sos), x[:, :-1]], 1)
@@ -81,7 +81,7 @@ def greedy_reference(model: TransformerPrior, n: int, length: int) -> torch.Tens
     seq = torch.zeros(n, 0, dtype=torch.long)
     for _ in range(length):
         padded = torch.cat([seq, torch.zeros(n, 1, dtype=torch.long)], 1)  # last token is not read
-        seq = torch.cat([seq, model(padded)[:, -1].argmax(-1, keepdim=True)], 1)
+        seq = torch.cat([seq, model.logits(padded)[:, -1].argmax(-1, keepdim=True)], 1)
     return seq
 
 

@@ -93,12 +93,54 @@ def _image_folder(folder: Path, images: torch.Tensor) -> Path:
     return folder
 
 
-def _launch(run: Path, data: Path, resume: bool) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "genbench", "train", "vae", "--dataset", "folder", "--data-dir", str(data),
+# Runs genbench's CLI in a process whose os.fsync, on the first file of the checkpoint folder of a
+# step >= target being written (`.main-<step>.partial/`), writes the file's path into `marker` and
+# blocks: the parent's SIGKILL then lands, deterministically, in the middle of that checkpoint's write
+# (the file's bytes written but neither synced nor renamed, state.json not written yet).
+HOLD_MID_WRITE = r"""
+import os, re, sys, time
+marker, target = sys.argv.pop(1), int(sys.argv.pop(1))
+real_fsync = os.fsync
+
+def fsync(fd):
+    path = os.readlink(f"/proc/self/fd/{fd}")
+    m = re.fullmatch(r"\.main-(\d{8})\.partial", os.path.basename(os.path.dirname(path)))
+    if m and int(m.group(1)) >= target:
+        with open(marker + ".tmp", "w") as f:
+            f.write(path)
+        os.replace(marker + ".tmp", marker)
+        time.sleep(600)
+    return real_fsync(fd)
+
+os.fsync = fsync
+from genbench.cli import main
+sys.exit(main())
+"""
+
+
+def _launch(run: Path, data: Path, resume: bool, hold: tuple[Path, int] | None = None) -> subprocess.Popen:
+    """`genbench train` on the image folder; with `hold` = (marker, step), under HOLD_MID_WRITE."""
+    prefix = ["-c", HOLD_MID_WRITE, str(hold[0]), str(hold[1])] if hold else ["-m", "genbench"]
+    cmd = [sys.executable, *prefix, "train", "vae", "--dataset", "folder", "--data-dir", str(data),
            "--image-size", "8", "--no-progress", "--out", str(run)]
     cmd += ["--resume"] if resume else [a for s in KILL_SETS + ["train.ckpt_every=2"] for a in ("--set", s)]
     return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 300
+    while not condition():
+        assert proc.poll() is None, f"training ended before {what}: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    proc.stderr.close()
 
 
 def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, tiny_digits):
@@ -108,44 +150,47 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, tiny_digits):
     data = _image_folder(tmp_path / "images", tiny_digits.train[:72])  # 64 train + 8 test images
     rng = random.Random(20240601)
     run, root = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
+    marker = tmp_path / "held"
     # kill once the checkpoint of a random step is on disk (+ a random delay, most of a step's time is
-    # spent writing the next checkpoint), or the moment a checkpoint folder is being written
+    # spent writing the next checkpoint), or, deterministically, while the first checkpoint of a step
+    # >= target is being written (HOLD_MID_WRITE)
     plan = [("random", rng.randint(4, 14)), ("mid-write", rng.randint(20, 30)), ("random", rng.randint(36, 46))]
     proc = _launch(run, data, resume=False)
-    torn_writes = 0
     try:
-        for mode, target in plan:
-            deadline = time.monotonic() + 300
-            while (_latest_step(root) or 0) < target:
-                assert proc.poll() is None, f"training ended before the kill at step {target}: {proc.stderr.read()}"
-                assert time.monotonic() < deadline, "no checkpoint appeared"
-                time.sleep(0.002)
+        for i, (mode, target) in enumerate(plan):
             if mode == "random":
+                _wait_for(lambda t=target: (_latest_step(root) or 0) >= t, proc, f"the checkpoint of step {target}")
                 time.sleep(rng.uniform(0.0, 0.05))
             else:
-                while not any(p.name.endswith(".partial") for p in root.iterdir()) and proc.poll() is None:
-                    time.sleep(0.0005)
-            proc.kill()
-            proc.wait()
-            torn_writes += sum(p.name.startswith(".") for p in root.iterdir())
+                _wait_for(marker.exists, proc, f"the write of a checkpoint of step >= {target}")
+            _stop(proc)
             # what is on disk is a complete checkpoint whose sizes and hashes verify
             tensors, meta = load_checkpoint(root)
-            assert meta["step"] >= target and any(k.startswith("optim.") for k in tensors)
+            assert any(k.startswith("optim.") for k in tensors)
             latest = json.loads((root / "latest.json").read_text())["checkpoint"]
             assert sorted(p.name for p in (root / latest).iterdir()) == ["state.json", "state.safetensors"]
-            proc = _launch(run, data, resume=True)
+            if mode == "random":
+                assert meta["step"] >= target
+            else:  # the kill tore the write: its folder is half written, latest.json names the one before
+                torn = Path(marker.read_text())
+                held = int(torn.parent.name[len(".main-"):-len(".partial")])
+                assert held >= target and held % 2 == 0 and meta["step"] == held - 2
+                assert torn.parent.parent == root and torn.name.startswith(".state.safetensors.tmp")
+                assert sorted(p.name for p in torn.parent.iterdir()) == [torn.name]
+            nxt = plan[i + 1] if i + 1 < len(plan) else None
+            hold = (marker, nxt[1]) if nxt and nxt[0] == "mid-write" else None
+            proc = _launch(run, data, resume=True, hold=hold)
         assert proc.wait(timeout=600) == 0, proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
+    # the next checkpoints removed the torn folder
+    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "main-00000060"]
     reference = train_run("vae", load_dataset("folder", data_dir=data, image_size=8), tmp_path / "reference",
                           sets=KILL_SETS + ["train.ckpt_every=1000"], progress=False)
     _assert_same_weights(reference, run)
     # the log too: steps logged after the last checkpoint were trimmed on resume, torn lines dropped
     assert _log(run) == _log(reference)
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
-    print(f"files left by interrupted writes: {torn_writes}")
 
 
 # ---------------------------------------------------------------- full disk, unwritable folders

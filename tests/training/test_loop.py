@@ -1,17 +1,23 @@
 """The shared trainer: exact resume, NaN stop, EMA, checkpoint atomicity, config validation."""
 
 import json
+import math
+from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 
+import genbench.utils
 from genbench.files import read_tensors
-from genbench.training.checkpoint import load_checkpoint
+from genbench.training.checkpoint import load_checkpoint, prefixed
 from genbench.models import GenerativeModel
+from genbench.models.ae import AE
+from genbench.models.base import get_model_class
 from genbench.errors import GenbenchError
 from genbench.training.config import TrainConfig, lr_at
-from genbench.training.loop import EMA, Interrupted, TrainingDiverged
-from genbench.training.run import train_run
+from genbench.training.loop import EMA, Interrupted, TrainingDiverged, rng_seed
+from genbench.training.run import resolve_configs, train_run
 
 TINY = ["latent_dim=4", "width=32", "arch=mlp", "train.steps=24", "train.batch_size=32",
         "train.ckpt_every=6", "train.log_every=4", "train.lr=1e-3"]
@@ -81,14 +87,46 @@ def test_ema_update_formula():
     torch.testing.assert_close(ema.shadow["bias"], before["bias"])
 
 
-def test_ema_weights_are_exported(tmp_path, tiny_digits):
-    run = train_run("ae", tiny_digits, tmp_path / "r", sets=TINY + ["train.ema_decay=0.5"], progress=False)
-    _, meta = load_checkpoint(run / "checkpoints")
-    tensors, _ = load_checkpoint(run / "checkpoints")
+def test_exported_weights_are_the_ema_of_the_live_trajectory(tmp_path, tiny_digits):
+    """Exported = EMA_N = d^N w_0 + sum_k (1-d) d^(N-k) w_k, computed here in float64 from the live
+    weights w_k after every step. Those are read from the checkpoint of a run interrupted after each
+    step k and resumed (resume is bit-exact, and the EMA never feeds back into the live weights);
+    w_0 is the model as train_run initialises it from the run's seed. The AE's buffers are fitted
+    after training (finish_training) from the exported weights: recomputed from EMA_N in numpy."""
+    d, n = 0.8, 6  # d^N = 0.26: the initial weights still weigh in
+    sets = TINY + [f"train.steps={n}", "train.ckpt_every=1", f"train.ema_decay={d}", "train.device=cpu"]  # exact resume
+    run = tmp_path / "r"
+    live = []
+    for k in range(1, n):
+        with pytest.raises(Interrupted):
+            train_run("ae", tiny_digits, run, sets=sets, progress=False, interrupt_at=k, resume=k > 1)
+        tensors, meta = load_checkpoint(run / "checkpoints")
+        assert meta["step"] == k
+        live.append(prefixed(tensors, "model."))
+    train_run("ae", tiny_digits, run, resume=True, progress=False)
+    tensors, meta = load_checkpoint(run / "checkpoints")
+    assert meta["step"] == n  # saved before the EMA is copied into the model: the live w_N
+    live.append(prefixed(tensors, "model."))
+
+    model_cfg, train_cfg = resolve_configs("ae", "digits", tiny_digits.shape, "quick", sets)
+    torch.manual_seed(train_cfg.seed)  # as train_run initialises the model
+    initial = AE(model_cfg)
+    w0 = initial.state_dict()
+    params = [k for k, _ in initial.named_parameters()]
+    ema = {k: d**n * w0[k].double() + sum((1 - d) * d ** (n - i) * w[k].double() for i, w in enumerate(live, 1))
+           for k in params}
     exported = _weights(run)
-    for k, v in exported.items():
-        if k.startswith("encoder"):
-            assert torch.equal(v, tensors[f"ema.{k}"]), k
+    assert exported.keys() == w0.keys()
+    for k in params:
+        torch.testing.assert_close(exported[k].double(), ema[k], rtol=1e-5, atol=1e-6, msg=k)
+        assert not torch.allclose(exported[k], live[-1][k], rtol=1e-3, atol=1e-5), f"{k} is the live weight"
+    # buffers: the latent Gaussian fitted to the training latents of the EMA model
+    initial.load_state_dict({k: ema[k].float() for k in params}, strict=False)
+    with torch.no_grad():
+        z = initial.encode(tiny_digits.train).double().numpy()
+    cov = np.cov(z.T) + 1e-5 * np.eye(z.shape[1])
+    np.testing.assert_allclose(exported["latent_mean"].numpy(), z.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(exported["latent_scale_tril"].numpy(), np.linalg.cholesky(cov), rtol=1e-4, atol=1e-5)
 
 
 def test_lr_schedule():
@@ -115,7 +153,92 @@ def test_bad_config_is_refused_before_anything_is_written(tmp_path, tiny_digits,
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
-def test_bf16_autocast_trains(tmp_path, tiny_digits):
-    run = train_run("vae", tiny_digits, tmp_path / "r", sets=TINY + ["train.bf16=true"], progress=False)
-    model = GenerativeModel.from_pretrained(run / "model")
+@contextmanager
+def _linear_output_dtypes():
+    """dtypes of the outputs of every nn.Linear run in training mode while inside the block."""
+    seen = []
+
+    def hook(module, args, output):
+        if isinstance(module, torch.nn.Linear) and module.training:
+            seen.append(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _first_step(model_name, data, sets):
+    """(initial model, batch, loss RNG seed) of the trainer's step 0, rebuilt outside it: the model
+    initialised from the run's seed (train_run), the first batch of the permutation seeded from
+    (seed, stage, epoch) and the global RNG re-seeded from (seed, stage, step, rank) (loop._train_stage)."""
+    model_cfg, cfg = resolve_configs(model_name, "digits", data.shape, "quick", sets)
+    torch.manual_seed(cfg.seed)
+    model = get_model_class(model_name)(model_cfg)
+    n = data.train.shape[0]
+    stage_seed = cfg.seed * 1_000_003 + sum(map(ord, "main"))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed((stage_seed * 100_003) % 2**63))
+    return model, data.train[perm[: min(cfg.batch_size, n)]], rng_seed(cfg.seed, "main", 0, 0)
+
+
+def _bf16_rounding_sd(model, batch, seed):
+    """Standard deviation of the change of the fp32 loss when every bf16 rounding that autocast
+    makes in the nn.Linear layers is applied: first order, each rounding an independent relative
+    error of at most u = 2^-8 (8-bit significand, round to nearest), variance <= u^2/3. Rounded are
+    each layer's input h (once per element), weight W and bias b (once for the whole batch) and
+    output o, so Var = u^2/3 * sum((dL/dh h)^2 + (dL/dW W)^2 + (dL/db b)^2 + (dL/do o)^2)."""
+    grads = []
+
+    def hook(module, args, output):
+        for t in (args[0], output):
+            t.retain_grad()
+        grads.append((module, args[0], output))
+
+    batch = batch.clone().requires_grad_(True)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        torch.manual_seed(seed)
+        loss = model.loss(batch)["loss"]
+    finally:
+        for h in handles:
+            h.remove()
+    loss.backward()
+    var = sum(float((t.grad * t.detach()).pow(2).sum()) for m, h, o in grads for t in (h, o, m.weight, m.bias))
+    return loss.item(), 2.0**-8 * math.sqrt(var / 3)
+
+
+def test_bf16_autocast_runs_the_forward_in_bf16_and_is_recorded(tmp_path, tiny_digits, monkeypatch):
+    """bf16 forced on (as on a CPU with native bf16; `cpu_has_native_bf16` is looked up through the
+    module global by `bf16_effective`): every Linear of the VAE computes in bf16 during training,
+    the first logged loss (step 0: same weights, batch and noise as fp32) differs from fp32 by no
+    more than 5 standard deviations of the bf16 rounding error of the loss (`_bf16_rounding_sd`), and
+    run.json records it. Requested where the CPU has no native bf16, bf16 is skipped: fp32 activations,
+    the fp32 run's exact losses, and `bf16_used` false."""
+    sets = TINY + ["train.steps=6", "train.log_every=1", "train.batch_size=256", "train.device=cpu"]
+    runs = {}
+    for name, native, bf16 in [("fp32", True, False), ("bf16", True, True), ("no_native", False, True)]:
+        monkeypatch.setattr(genbench.utils, "cpu_has_native_bf16", lambda native=native: native)
+        with _linear_output_dtypes() as dtypes:
+            run = train_run("vae", tiny_digits, tmp_path / name, sets=sets + [f"train.bf16={str(bf16).lower()}"],
+                            progress=False)
+        records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        summary = json.loads((run / "run.json").read_text())["summary"]
+        runs[name] = dtypes, [r["loss"] for r in records], summary["bf16_used"]
+        assert [r["step"] for r in records] == list(range(1, 7))
+    monkeypatch.undo()
+
+    per_run = 6 * 6  # 6 steps x (3 encoder + 3 decoder layers)
+    assert runs["fp32"][0] == [torch.float32] * per_run and runs["fp32"][2] is False
+    assert runs["bf16"][0] == [torch.bfloat16] * per_run and runs["bf16"][2] is True
+    assert runs["no_native"][0] == [torch.float32] * per_run and runs["no_native"][2] is False
+    assert runs["no_native"][1] == runs["fp32"][1]
+
+    model, batch, seed = _first_step("vae", tiny_digits, sets)
+    loss32, sd = _bf16_rounding_sd(model, batch, seed)
+    assert runs["fp32"][1][0] == pytest.approx(loss32, rel=1e-6)  # the rebuilt step 0 is the trainer's
+    assert runs["bf16"][1][0] != loss32  # bf16 did change the computation...
+    print(f"\nbf16 - fp32 loss at step 0: {runs['bf16'][1][0] - loss32:+.4f}, rounding sd {sd:.4f}")
+    assert abs(runs["bf16"][1][0] - loss32) < 5 * sd, (runs["bf16"][1][0], loss32, sd)  # ...by rounding only
+    model = GenerativeModel.from_pretrained(tmp_path / "bf16" / "model")
     assert torch.isfinite(model.sample(4)).all()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -93,10 +93,12 @@ def load_dataset(
     if key == "digits":
         if exists(data_dir):
             raise GenbenchError("dataset 'digits' is bundled with scikit-learn and takes no data_dir")
-        return _load_digits(image_size, limit)
-    if key == "folder":
-        return load_folder(data_dir, image_size, limit)
-    return load_idx_dataset(key, data_dir, image_size, limit)
+        ds = _load_digits(image_size, limit)
+    elif key == "folder":
+        ds = load_folder(data_dir, image_size, limit)
+    else:
+        ds = load_idx_dataset(key, data_dir, image_size, limit)
+    return replace(ds, spec=DatasetSpec(key, None if data_dir is None else str(data_dir), image_size, limit))
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ class DatasetSpec:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "dataset") -> DatasetSpec:
+        """The inverse of to_dict; fields left out take their defaults."""
         if not isinstance(d, dict) or not isinstance(d.get("name"), str):
             raise GenbenchError(f"{where}: expected a mapping with a dataset name, got {d!r:.80}")
         unknown = sorted(set(d) - {"name", "data_dir", "image_size", "limit"})

@@ -8,9 +8,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from genbench.errors import GenbenchError
 from genbench.utils import exists
+
+if TYPE_CHECKING:
+    from . import DatasetSpec
 
 
 @dataclass(frozen=True, eq=False)
@@ -27,6 +31,7 @@ class ImageDataset:
     train_labels: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
     num_classes: int | None = None
+    spec: DatasetSpec | None = None  # how load_dataset loaded it (what a run records), when it did
 
     def __post_init__(self):
         for split, x in (("train", self.train), ("test", self.test)):

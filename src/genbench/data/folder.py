@@ -43,9 +43,9 @@ def _open_image(path: Path):
     from PIL import Image, ImageOps
 
     try:
-        image = Image.open(path)
-        image.load()
-        return ImageOps.exif_transpose(image)  # camera JPEGs store rotation in EXIF
+        with Image.open(path) as image:  # closed on a decoding error too
+            image.load()
+            return ImageOps.exif_transpose(image)  # camera JPEGs store rotation in EXIF (a copy: safe to close)
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError) as e:
         raise GenbenchError(f"{path}: cannot decode image: {e}") from e
 

@@ -26,7 +26,7 @@ from genbench.data import DatasetSpec
 from genbench.errors import GenbenchError
 from genbench.models.base import available_models, get_model_class
 from genbench.models.presets import TRAIN_COST_RANK
-from genbench.training.run import resolve_configs, total_steps, train_run
+from genbench.training.run import request_differences, resolve_configs, total_steps, train_run
 from genbench.training.run_folder import RunFolder
 from genbench.utils import default_threads
 
@@ -61,6 +61,7 @@ def run_comparison(
     device: str = "auto",
     jobs: int | None = None,
     progress: bool = True,
+    replace: bool = False,
 ) -> dict:
     """Train (or reuse) `models` (default: all) on `dataset` into `out/<model>/`, evaluate each by the
     same protocol, write `out/metrics.json`, `report.md` and `report.html`, and return the result
@@ -69,7 +70,12 @@ def run_comparison(
     `sets`: per-model `--set` items, {"vae": ["latent_dim=8"]}. `num_samples`: samples per model for
     FD/KID/PRDC (default 1000, 5000 for the standard preset). `eval_limit`: test images for
     likelihood and reconstruction (default all, at most 2000). `jobs`: models trained at once in
-    their own processes (default `default_jobs()`; 1 trains in this process)."""
+    their own processes (default `default_jobs()`; 1 trains in this process).
+
+    A model's existing run folder is reused (finished) or resumed (unfinished) only when it holds the
+    run of this request (model, dataset, preset, --set items); otherwise nothing is done and a
+    GenbenchError names the differences, unless `replace`: then the old folder is moved aside to
+    `<model>.replaced-<k>` and the model is trained anew."""
     models = list(models) if models else available_models()
     for m in models:
         get_model_class(m)  # unknown model: fail before any work
@@ -90,6 +96,18 @@ def run_comparison(
     ds = dataset.load()
     eval_limit = eval_limit or min(len(ds.test), 2000)
     t0 = time.perf_counter()
+    for m in models:  # every model's --set items are valid before any work
+        resolve_configs(m, dataset.name, ds.shape, preset, per_model_sets[m])
+    for m in models:  # before any work: a folder made by another request is never reused silently
+        run = RunFolder(out / m)
+        if not run.exists():
+            continue
+        diffs = request_differences(run.read_info(), m, dataset, ds.shape, preset, per_model_sets[m])
+        if diffs and not replace:
+            raise GenbenchError(f"{run.path}: holds a run of another request ({'; '.join(diffs)}); choose another "
+                                "--out, or pass --replace to move it aside and train anew")
+        if diffs:
+            print(f"[compare] {m}: {run.path} held another request; moved to {run.move_aside()}", flush=True)
     pending = [m for m in models if not RunFolder(out / m).is_complete()]
     if jobs > 1 and len(pending) > 1:
         train_in_processes(pending, dataset, ds.shape, out, preset, per_model_sets, jobs, progress=progress)

@@ -138,13 +138,21 @@ def latent_interpolation(model: GenerativeModel, x: torch.Tensor, steps: int = 8
 
 
 def count_network_calls(model: GenerativeModel) -> dict[str, int]:
-    """Count forward calls of the model's direct sub-networks during one sample(2) call.
+    """Count the forward calls of the model's networks during one sample(2) call: its direct
+    sub-modules, and those of a sub-model it holds (LDM's first stage, e.g. "first_stage.decoder").
 
     It is the measured number of sequential network evaluations a sample costs (1 for a
-    decoder, ~T for a diffusion sampler, one per token for an autoregressive prior)."""
+    decoder, the sampler's steps for a diffusion U-Net, one per code for an autoregressive prior,
+    which decodes incrementally through its forward)."""
     counts: dict[str, int] = {}
-    hooks = [child.register_forward_pre_hook(lambda m, a, name=name: counts.__setitem__(name, counts.get(name, 0) + 1))
-             for name, child in model.named_children()]
+    networks = []
+    for name, child in model.named_children():
+        if isinstance(child, GenerativeModel):
+            networks += [(f"{name}.{sub}", net) for sub, net in child.named_children()]
+        else:
+            networks.append((name, child))
+    hooks = [net.register_forward_pre_hook(lambda m, a, name=name: counts.__setitem__(name, counts.get(name, 0) + 1))
+             for name, net in networks]
     try:
         model.sample(2)
     finally:

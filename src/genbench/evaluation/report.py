@@ -38,8 +38,8 @@ COLUMNS = [
     ("ssim", "SSIM ↑", +1, "{:.3f}"),
     ("bits_per_dim", "bits/dim ↓", -1, "{:.3f}"),
     ("parameters", "Params", 0, "{:,}"),
-    ("train_wall_time_s", "Train s", -1, "{:.0f}"),
-    ("sample_ms_per_image", "Sample ms/img", -1, "{:.2f}"),
+    ("train_wall_time_s", "Train s ↓", -1, "{:.0f}"),
+    ("sample_ms_per_image", "Sample ms/img ↓", -1, "{:.2f}"),
 ]
 
 
@@ -284,15 +284,25 @@ def write_reports(out: Path, result: dict) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "metrics.json", "md": out / "report.md", "html": out / "report.html"}
-    write_json(paths["json"], json.loads(json.dumps(_public(result), default=_json_default)))
+    write_json(paths["json"], _finite_or_null(json.loads(json.dumps(_public(result), default=_json_default))))
     atomic_write_bytes(paths["md"], render_markdown(result).encode())
     atomic_write_bytes(paths["html"], render_html(result).encode())
     return paths
 
 
+def _finite_or_null(o):
+    """NaN and infinities as null: json.dumps writes them as NaN / Infinity, which is not JSON (RFC 8259)
+    and which strict readers (JavaScript's JSON.parse) refuse."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite_or_null(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_finite_or_null(v) for v in o]
+    return o
+
+
 def _json_default(o):
     if hasattr(o, "tolist"):
         return o.tolist()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
     return str(o)

@@ -121,9 +121,10 @@ class Block(nn.Module):
 class TransformerPrior(nn.Module):
     """GPT over code sequences (B, L) with values in [0, vocab_size).
 
-    forward(indices) -> logits (B, L, vocab_size), logits[:, t] = log p(x_t | x_<t) + const;
+    logits(indices) -> (B, L, vocab_size), logits[:, t] = log p(x_t | x_<t) + const;
     nll(indices) -> (B,) total nats; loss(indices) -> mean nats per token;
-    generate(n, length) -> (n, length) sampled indices.
+    generate(n, length) -> (n, length) sampled indices, one forward call per token;
+    forward(tokens, cache) -> logits of input tokens (SOS first): one evaluation of the network.
     """
 
     def __init__(self, config: TransformerConfig):
@@ -151,8 +152,9 @@ class TransformerPrior(nn.Module):
 
     # ------------------------------------------------------------------ core
 
-    def _logits(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Logits for input tokens (B, T) (SOS included) at absolute positions past..past+T-1."""
+    def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits for input tokens (B, T) (SOS included) at absolute positions past..past+T-1, past being
+        the tokens already in `cache` (which this call advances)."""
         past = cache.length if cache is not None else 0
         pos = torch.arange(past, past + tokens.shape[1], device=tokens.device)
         x = self.drop(self.wte(tokens) + self.wpe(pos))
@@ -179,22 +181,22 @@ class TransformerPrior(nn.Module):
                 f"got range [{int(indices.min())}, {int(indices.max())}]"
             )
 
-    def forward(self, indices: Tensor) -> Tensor:
-        """Logits (B, L, V): position t conditions on [SOS, x_1..x_{t-1}] and scores x_t."""
+    def logits(self, indices: Tensor) -> Tensor:
+        """Logits (B, L, V) of a code sequence: position t conditions on [SOS, x_1..x_{t-1}] and scores x_t."""
         self._check_indices(indices)
         sos = indices.new_full((indices.shape[0], 1), self.sos)
         tokens = torch.cat([sos, indices[:, :-1]], dim=1).long()
-        return self._logits(tokens)
+        return self(tokens)
 
     def nll(self, indices: Tensor) -> Tensor:
         """-log p(x) = -sum_t log p(x_t | x_<t) per sequence, in nats: (B,)."""
-        logits = self.forward(indices).float()
+        logits = self.logits(indices).float()
         per_token = F.cross_entropy(rearrange(logits, "b t v -> b v t"), indices.long(), reduction="none")
         return per_token.sum(1)
 
     def loss(self, indices: Tensor) -> Tensor:
         """Mean negative log-likelihood in nats per token (the training loss)."""
-        logits = self.forward(indices).float()
+        logits = self.logits(indices).float()
         return F.cross_entropy(rearrange(logits, "b t v -> (b t) v"), rearrange(indices.long(), "b t -> (b t)"))
 
     # ------------------------------------------------------------------ incremental decoding
@@ -215,7 +217,7 @@ class TransformerPrior(nn.Module):
                 f"TransformerPrior.step: cache holds {cache.length} of {cache.max_len} positions, "
                 f"cannot add {tokens.shape[1]} more"
             )
-        return self._logits(tokens.long(), cache)
+        return self(tokens.long(), cache)
 
     @torch.no_grad()
     def generate(

@@ -63,42 +63,81 @@ def total_steps(model_name: str, train_cfg: TrainConfig) -> int:
     return sum(train_cfg.for_stage(s).steps for s in get_model_class(model_name).stages)
 
 
-def train_run(model_name: str, dataset: ImageDataset, run_dir: str | os.PathLike, preset: str = "quick",
-              sets: list[str] | tuple = (), resume: bool = False, progress: bool = True,
+def _flat(d: dict, prefix: str) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def request_differences(info: dict, model_name: str, dataset_spec: DatasetSpec, shape: tuple[int, int, int],
+                        preset: str | None = None, sets: list[str] | tuple | None = None) -> list[str]:
+    """How the run recorded in `info` (run.json) differs from a request, one "field: here, requested"
+    item per difference. The model and the dataset are always compared; the configs only when the
+    request names a preset or --set items (None: "as recorded"): resolved, so the order of the items
+    does not matter, and a preset changed in the code since the run started shows as a difference."""
+    diffs = []
+    if info["model"] != model_name:
+        return [f"model: {info['model']} here, {model_name} requested"]
+    here = _flat(DatasetSpec.from_dict(info.get("dataset", {}), where="the run's recorded dataset").to_dict(), "dataset.")
+    wanted = _flat(dataset_spec.to_dict(), "dataset.")
+    diffs += [f"{k}: {here[k]} here, {wanted[k]} requested" for k in here if here[k] != wanted[k]]
+    if preset is None and sets is None:
+        return diffs
+    model_cfg, train_cfg = resolve_configs(model_name, dataset_spec.name, shape, preset or info.get("preset", "quick"),
+                                           info.get("sets", []) if sets is None else sets)
+    for section, recorded, requested in (("model", info["model_config"], to_dict(model_cfg)),
+                                         ("train", info["train_config"], to_dict(train_cfg))):
+        here, wanted = _flat(recorded, f"{section}."), _flat(requested, f"{section}.")
+        diffs += [f"{k}: {here.get(k)} here, {wanted.get(k)} requested" for k in sorted(set(here) | set(wanted))
+                  if here.get(k) != wanted.get(k)]
+    return diffs
+
+
+def train_run(model_name: str, dataset: ImageDataset, run_dir: str | os.PathLike, preset: str | None = None,
+              sets: list[str] | tuple | None = None, resume: bool = False, progress: bool = True,
               interrupt_at: int | None = None, dataset_spec: DatasetSpec | None = None) -> Path:
     """Train `model_name` on `dataset` into `run_dir`; export the model.
 
-    `run_dir/run.json` records the configs, dataset, status and costs. An existing, unfinished run is
-    continued only with `resume=True`; a finished one is left as it is. Under torchrun every process
+    `run_dir/run.json` records the request (model, dataset spec, preset, --set items), the resolved
+    configs, status and costs. A new run takes `preset` (default "quick") and `sets`. An existing
+    run is continued (or, when finished, returned as it is) only with `resume=True` and only when it
+    is the run of this request (`request_differences`; a None preset or sets mean "as recorded");
+    otherwise a GenbenchError names every difference, before any work. Under torchrun every process
     calls this; rank 0 alone reads and writes `run_dir` and shares the configs with the others.
     """
     world = distributed.init()
     run = RunFolder(run_dir)
     cls = get_model_class(model_name)
-    spec = dataset_spec or DatasetSpec(dataset.name)
+    spec = dataset_spec or dataset.spec or DatasetSpec(dataset.name)
 
     def setup() -> dict:
         if run.exists():
             info = run.read_info()
-            if info["status"] == "complete" and resume:
-                return info
             if not resume:
                 raise GenbenchError(f"{run.path}: already holds a run; pass --resume to continue it or choose another --out")
-            if info["model"] != model_name:
-                raise GenbenchError(f"{run.path}: holds a {info['model']} run, not {model_name}")
+            diffs = request_differences(info, model_name, spec, dataset.shape, preset, sets)
+            if diffs:
+                raise GenbenchError(f"{run.path}: holds a run of another request ({'; '.join(diffs)}); "
+                                    "choose another --out")
+            if info["status"] == "complete":
+                return info
             from_dict(cls.Config, info["model_config"], where=f"{run.run_json}: model_config")
             train_cfg = from_dict(TrainConfig, info["train_config"], where=f"{run.run_json}: train_config")
             check_stage_names(train_cfg, model_name, tuple(cls.stages))
             check_world(train_cfg, tuple(cls.stages), dataset.train.shape[0], world.world_size)
             return info
-        model_cfg, train_cfg = resolve_configs(model_name, dataset.name, dataset.shape, preset, sets)
+        model_cfg, train_cfg = resolve_configs(model_name, dataset.name, dataset.shape, preset or "quick", sets or ())
         check_world(train_cfg, tuple(cls.stages), dataset.train.shape[0], world.world_size)
         ensure_writable_folder(run.path, "run folder")
         info = {
             "model": model_name,
             "dataset": spec.to_dict(),
-            "preset": preset,
-            "sets": list(sets),
+            "preset": preset or "quick",
+            "sets": list(sets or ()),
             "model_config": to_dict(model_cfg),
             "train_config": to_dict(train_cfg),
             "status": "running",

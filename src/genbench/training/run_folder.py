@@ -79,6 +79,17 @@ class RunFolder:
             raise GenbenchError(f"{self.path}: training has not finished; continue it with `genbench train ... --resume`")
         return info
 
+    def move_aside(self) -> Path:
+        """Rename the folder to the first free `<name>.replaced-<k>` (nothing is deleted); returns it."""
+        k = 1
+        while (aside := self.path.with_name(f"{self.path.name}.replaced-{k}")).exists():
+            k += 1
+        try:
+            self.path.rename(aside)
+        except OSError as e:
+            raise GenbenchError(f"{self.path}: cannot move the run aside to {aside} ({e.strerror or e})") from None
+        return aside
+
     # ---------------------------------------------------------------- log.jsonl
 
     def read_log(self) -> list[dict]:
