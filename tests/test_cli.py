@@ -1,6 +1,7 @@
 """The command line end to end on tiny configs, and its failure paths (one line, exit code 2)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -197,3 +198,78 @@ def test_console_script_help_and_models(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main([cmd, "--help"])
         assert exit_info.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile input that used to give a traceback and exit 1
+
+
+@pytest.fixture
+def damaged(vae_run, tmp_path):
+    import shutil
+
+    return shutil.copytree(vae_run, tmp_path / "run")
+
+
+def _edit_json(path, fn):
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(fn(data)))
+
+
+@pytest.mark.parametrize("file, edit, cmd, match", [
+    ("run.json", lambda d: [], "sample", "run.json: expected a JSON object, got list"),
+    ("run.json", lambda d: {**d, "dataset": "digits"}, "evaluate", "expected a mapping with a dataset name"),
+    ("run.json", lambda d: {**d, "dataset": {"name": "digits", "limit": 10, "colour": True}}, "reconstruct",
+     "unknown field(s) ['colour']"),
+    ("model/config.json", lambda d: {**d, "weights": [1]}, "sample", "field 'weights' must be dict"),
+    ("model/config.json", lambda d: [], "sample", "not a genbench model config"),
+])
+def test_damaged_run_records_are_one_line(damaged, tmp_path, capsys, file, edit, cmd, match):
+    _edit_json(damaged / file, edit)
+    argv = [cmd, str(damaged), "--out", str(tmp_path / ("o.png" if cmd != "evaluate" else "o.json"))]
+    assert main(argv) == 2
+    _one_line_error(capsys, match)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["sample", "{run}", "--out", "{tmp}/s.png", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["sample", "{run}", "--out", "{tmp}/s.png", "--batch-size", "-1"], "--batch-size must be >= 1, got -1"),
+    (["sample", "{run}", "--out", "{tmp}/s.png", "--seed", "100000000000000000000"], "--seed 100000000000000000000"),
+    (["sample", "{run}", "--out", "{tmp}/s.png", "--seed", "-1"], "--seed -1"),
+    (["evaluate", "{run}", "--seed", "100000000000000000000"], "--seed 100000000000000000000"),
+    (["sample", "{run}", "--out", "{tmp}/s.png", "--device", "foo"], "device 'foo': expected auto, cpu, cuda"),
+    (["sample", "{run}", "--out", "{tmp}/s.png", "--device", "cuda:7"], "device 'cuda:7'"),
+    (["sample", "{run}", "--out", "/nonexistent/dir/n.png"], "the folder /nonexistent/dir does not exist"),
+    (["sample", "{run}", "--out", "{tmp}"], "is a folder; name a file"),
+    (["reconstruct", "{run}", "--out", "{tmp}"], "is a folder; name a file"),
+    (["evaluate", "{run}", "--out", "/nonexistent/e.json"], "the folder /nonexistent does not exist"),
+    (["train", "vae", "--dataset", "digits", "--out", "{tmp}/t", "--seed", "-5"], "--seed -5"),
+    (["compare", "--dataset", "digits", "--models", "ae", "--out", "{tmp}/c", "--seed", "100000000000000000000"],
+     "seed 100000000000000000000"),
+    (["compare", "--dataset", "digits", "--models", "ae", "--out", "{tmp}/c", "--device", "tpu"], "device 'tpu'"),
+])
+def test_bad_arguments_are_one_line_before_any_work(vae_run, tmp_path, capsys, argv, match):
+    assert main([a.format(run=vae_run, tmp=tmp_path) for a in argv]) == 2
+    _one_line_error(capsys, match)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_read_only_output_folder_is_one_line(vae_run, tmp_path, capsys, monkeypatch):
+    """As root, permission bits do not stop writes, so the folder is read-only the way a read-only
+    mount is: os.access says so (the check) and the write itself fails (the safety net)."""
+    import genbench.files as files
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(files.os, "access", lambda p, mode: False if str(p) == str(ro) else real_access(p, mode))
+    assert main(["sample", str(vae_run), "--out", str(ro / "s.png")]) == 2
+    _one_line_error(capsys, f"the folder {ro} is not writable")
+
+    def refuse(path, data):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(files.os, "access", real_access)
+    monkeypatch.setattr("genbench.images.atomic_write_bytes", refuse)
+    assert main(["sample", str(vae_run), "--out", str(ro / "s.png")]) == 2
+    _one_line_error(capsys, "s.png: cannot write (Read-only file system)")

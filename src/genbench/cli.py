@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import GenbenchError
+from .files import check_output_file
 
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
@@ -58,8 +59,10 @@ def cmd_train(args) -> int:
     from .evaluation.trained_run import TrainedRun
     from .models import get_model_class
     from .training import distributed, train_run
+    from .utils import check_seed
 
-    get_model_class(args.model)  # unknown model: fail before loading data
+    get_model_class(args.model)  # unknown model or seed: fail before loading data
+    check_seed(args.seed)
     spec = _dataset_spec(args)
     ds = spec.load()
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
@@ -80,7 +83,7 @@ def cmd_sample(args) -> int:
     from .evaluation.trained_run import TrainedRun
     from .images import save_images
 
-    out = Path(args.out)
+    out = check_output_file(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
         raise GenbenchError(f"{out}: --out must end in .png (image grid) or .npz (raw samples)")
     if args.n < 1:
@@ -99,9 +102,9 @@ def cmd_reconstruct(args) -> int:
     from .images import save_grid
 
     run = TrainedRun(args.run_dir, args.device)
+    out = check_output_file(args.out or run.run.reconstructions_png)
     x, x_hat = run.reconstruct_test(args.n)
     mse = torch.mean((x_hat - x) ** 2).item()
-    out = Path(args.out or run.run.reconstructions_png)
     save_grid(interleave(x, x_hat), out, nrow=8)
     print(f"reconstruction MSE {mse:.5f} on {len(x)} test images -> {out}")
     return 0
@@ -110,7 +113,9 @@ def cmd_reconstruct(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluation.trained_run import TrainedRun
 
-    result = TrainedRun(args.run_dir, args.device).evaluate(limit=args.limit, seed=args.seed, out=args.out)
+    run = TrainedRun(args.run_dir, args.device)
+    out = check_output_file(args.out or run.run.path / "eval.json")
+    result = run.evaluate(limit=args.limit, seed=args.seed, out=out)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -23,21 +24,54 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import GenbenchError
+from .limits import check_memory
+
+MAX_JSON_BYTES = 64 * 2**20  # a run.json, config.json or checkpoint record is kilobytes; never read more than this
+
+
+TMP_INFIX = ".tmp"  # atomic writes go through ".<name>.tmp<pid>" beside their target
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see a torn file."""
+    """Write to a temp file in the same folder, fsync, rename, then fsync the folder: readers never
+    see a torn file, and the rename survives a power cut, not only a killed process."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_folder(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the renames in `folder` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the ".<name>.tmp<pid>" files that writers killed mid-write left in `folder` (call it only
+    while owning the folder, so that no live writer's file is removed); returns what was removed."""
+    removed = []
+    for p in folder.glob(f".*{TMP_INFIX}*"):
+        if p.is_file() and p.name[p.name.rindex(TMP_INFIX) + len(TMP_INFIX):].isdigit():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def sha256(data: bytes) -> str:
@@ -61,6 +95,13 @@ def read_tensors(path: str | os.PathLike, record: dict[str, Any] | None = None) 
     path = Path(path)
     if not path.is_file():
         raise GenbenchError(f"{path}: file not found")
+    size = path.stat().st_size
+    if record is not None and size != record.get("size"):
+        raise GenbenchError(
+            f"{path}: size {size} bytes does not match the {record.get('size')} recorded at save "
+            "(truncated or replaced file)"
+        )
+    check_memory(2.0 * size, f"{path}: reading these weights")  # the file's bytes, then the tensors
     data = path.read_bytes()
     if record is not None:
         if len(data) != record.get("size"):
@@ -76,6 +117,50 @@ def read_tensors(path: str | os.PathLike, record: dict[str, Any] | None = None) 
         raise GenbenchError(f"{path}: not a valid safetensors file ({e})") from None
 
 
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1}
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} from a safetensors file's JSON header, read without its tensors: the
+    8-byte little-endian header length, then the header, each entry checked against the file size."""
+    path = Path(path)
+    if not path.is_file():
+        raise GenbenchError(f"{path}: file not found")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+            raise GenbenchError(f"{path}: not a valid safetensors file (header length {n} for a {size}-byte file)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise GenbenchError(f"{path}: not a valid safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise GenbenchError(f"{path}: not a valid safetensors file (header is not a JSON object)")
+    out = {}
+    data_size = size - 8 - n
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES
+              and isinstance(entry.get("shape"), list) and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+              and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+              and all(isinstance(o, int) for o in entry["data_offsets"]))
+        if not ok:
+            raise GenbenchError(f"{path}: not a valid safetensors file (bad header entry for {name!r})")
+        begin, end = entry["data_offsets"]
+        nbytes = SAFETENSORS_DTYPES[entry["dtype"]] * math.prod(entry["shape"])
+        if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+            raise GenbenchError(f"{path}: not a valid safetensors file ({name!r} lies outside the file or has the "
+                                "wrong byte count for its shape)")
+        out[name] = (entry["dtype"], tuple(entry["shape"]))
+    return out
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
@@ -84,6 +169,9 @@ def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise GenbenchError(f"{path}: file not found")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise GenbenchError(f"{path}: {path.stat().st_size} bytes is far too large for a genbench JSON record "
+                            f"(at most {MAX_JSON_BYTES // 2**20} MiB)")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -102,6 +190,19 @@ def require_fields(obj, where, **fields) -> dict:
             names = " or ".join(t.__name__ for t in (tp if isinstance(tp, tuple) else (tp,)))
             raise GenbenchError(f"{where}: field {key!r} must be {names}, got {value!r:.60}")
     return obj
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
+    """`path` can be written as a file: not a folder, in a folder that exists and is writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise GenbenchError(f"{what} {path}: is a folder; name a file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise GenbenchError(f"{what} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise GenbenchError(f"{what} {path}: the folder {folder} is not writable")
+    return path
 
 
 def ensure_writable_folder(folder: Path, what: str = "output folder") -> None:

@@ -44,8 +44,15 @@ def png_bytes(arr: np.ndarray) -> bytes:
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
     path = Path(path)
-    atomic_write_bytes(path, png_bytes(make_grid(images, nrow)))
+    _write(path, png_bytes(make_grid(images, nrow)))
     return path
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        raise GenbenchError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def save_images(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
@@ -54,7 +61,7 @@ def save_images(images: torch.Tensor, path: str | os.PathLike, nrow: int | None 
     if path.suffix.lower() == ".npz":
         buf = io.BytesIO()
         np.savez_compressed(buf, images=images.detach().float().clamp(0, 1).cpu().numpy().astype(np.float32))
-        atomic_write_bytes(path, buf.getvalue())
+        _write(path, buf.getvalue())
         return path
     if path.suffix.lower() == ".png":
         return save_grid(images, path, nrow)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 
 import torch
 
@@ -21,11 +22,33 @@ def default(x, d):
     return d() if callable(d) else d
 
 
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+
 def select_device(device: str | None = None) -> torch.device:
-    """`None`/"auto": CUDA when available, else CPU."""
+    """`None`/"auto": CUDA when available, else CPU; "cpu", "cuda" or "cuda:N" as asked, when this
+    machine and torch build have it (else a GenbenchError naming the device)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, str) or not re.fullmatch(DEVICE_PATTERN, device):
+        raise GenbenchError(f"device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise GenbenchError(f"device {device!r}: CUDA is not available in this torch build or on this machine")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise GenbenchError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(device)
+
+
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: int, what: str = "--seed") -> int:
+    """A seed torch's generators accept, with room for the per-batch offsets added to it."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED // 2:
+        raise GenbenchError(f"{what} {seed!r}: expected an integer in [0, 2**62]")
+    return seed
 
 
 @functools.lru_cache(maxsize=None)

@@ -324,3 +324,44 @@ def test_bad_input_raises():
         vq.indices_to_codes(torch.tensor([[8]]))
     with pytest.raises(GenbenchError, match="only available with update='ema'"):
         make_vq(update="gradient").ema_update(torch.randn(4, 64), torch.zeros(4, dtype=torch.long))
+
+
+def _ema_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        z = torch.randn(12, 3, 2, 2, generator=torch.Generator().manual_seed(7))
+        vq = make_vq(codebook_size=8, code_dim=3, init="random", dead_code_steps=0, ema_decay=0.9)
+        vq.init_from_data(z, generator=torch.Generator().manual_seed(1))
+        vq.train()
+        for _ in range(3):  # each rank sees its own slice of the global batch
+            vq(z[rank * 12 // world:(rank + 1) * 12 // world])
+        torch.save({k: v.clone() for k, v in vq.state_dict().items()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ema_statistics_are_summed_over_data_parallel_processes(tmp_path):
+    """Two processes, each on half the batch, end with the codebook one process computes on the whole
+    batch: the EMA's counts and sums are all-reduced before the update (as SyncBatchNorm's statistics)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ema_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    z = torch.randn(12, 3, 2, 2, generator=torch.Generator().manual_seed(7))
+    vq = make_vq(codebook_size=8, code_dim=3, init="random", dead_code_steps=0, ema_decay=0.9)
+    vq.init_from_data(z, generator=torch.Generator().manual_seed(1))
+    vq.train()
+    for _ in range(3):
+        vq(z)
+    for rank in range(2):
+        state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for key in ("codebook", "cluster_size", "embed_sum", "last_used"):
+            torch.testing.assert_close(state[key], vq.state_dict()[key], rtol=1e-6, atol=1e-6, msg=key)
+    # the statistics of half the batch alone give another codebook: the check has teeth
+    half = make_vq(codebook_size=8, code_dim=3, init="random", dead_code_steps=0, ema_decay=0.9)
+    half.init_from_data(z, generator=torch.Generator().manual_seed(1))
+    half.train()
+    for _ in range(3):
+        half(z[:6])
+    assert not torch.allclose(half.codebook, vq.codebook, atol=1e-4)

@@ -334,7 +334,7 @@ def test_bad_first_stage_runs_are_refused_before_training(tmp_path, tiny_digits,
     for i, (path, extra, match) in enumerate(cases):
         with pytest.raises(GenbenchError, match=match):
             train_run("ldm", tiny_digits, tmp_path / f"ldm{i}", progress=False,
-                      sets=TINY + extra + [f"first_stage_run={path}", stages(0, 2)])
+                      sets=TINY + extra + [f"first_stage_run={path}", stages(1, 2)])
         assert not (tmp_path / f"ldm{i}").exists()  # refused while resolving the config
     fashion_sized = tiny_config(image_size=28, first_stage_run=None)
     fashion_sized.first_stage_run = str(vq_run)

@@ -76,6 +76,23 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_digits, mo
     assert all(torch.isfinite(v).all() for k, v in tensors.items() if v.is_floating_point())
 
 
+def test_nan_loss_before_any_checkpoint_says_none_was_kept(tmp_path, tiny_digits, monkeypatch):
+    from genbench.models.ae import AE
+
+    original = AE.loss
+
+    def poisoned(self, batch, step=0, stage="main"):
+        out = original(self, batch, step, stage)
+        out["loss"] = out["loss"] * float("nan") if step >= 1 else out["loss"]
+        return out
+
+    monkeypatch.setattr(AE, "loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="step 1") as err:
+        train_run("ae", tiny_digits, tmp_path / "r", sets=TINY, progress=False)
+    assert "no checkpoint was written yet" in str(err.value) and "last good checkpoint" not in str(err.value)
+    assert load_checkpoint(tmp_path / "r" / "checkpoints") is None
+
+
 def test_ema_update_formula():
     lin = torch.nn.Linear(2, 1)
     ema = EMA(lin, decay=0.9)

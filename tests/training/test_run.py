@@ -89,3 +89,53 @@ def test_a_run_recorded_with_only_a_dataset_name_matches_the_full_spec(finished,
     info["dataset"] = {"name": "digits", "limit": 256}  # fields left out mean their defaults
     (copy / "run.json").write_text(json.dumps(info))
     assert train_run("ae", tiny_digits, copy, resume=True, dataset_spec=DatasetSpec("digits", limit=256)) == copy
+
+
+# ---------------------------------------------------------------------------------------------
+# --set on resume: what an unfinished run may change is applied and recorded, the rest refused
+
+
+def test_resume_applies_and_records_the_changes_an_unfinished_run_may_take(tmp_path, tiny_digits):
+    spec = DatasetSpec("digits", limit=256)
+    with pytest.raises(Interrupted):
+        train_run("ae", tiny_digits, tmp_path / "r", sets=SETS, progress=False, interrupt_at=3, dataset_spec=spec)
+    changed = SETS[:4] + ["train.ckpt_every=2", "train.batch_size=32", "train.lr=0.0005", "train.grad_clip=1.0",
+                          "train.steps=8", "train.log_every=1"]
+    train_run("ae", tiny_digits, tmp_path / "r", sets=changed, resume=True, progress=False, dataset_spec=spec)
+    info = RunFolder(tmp_path / "r").read_info()
+    cfg = info["train_config"]
+    assert (cfg["lr"], cfg["grad_clip"], cfg["steps"], cfg["log_every"], cfg["ckpt_every"]) == (5e-4, 1.0, 8, 1, 2)
+    assert info["changed_on_resume"] == [{"sets": changed, "changes": {
+        "train.ckpt_every": [3, 2], "train.grad_clip": [0.0, 1.0], "train.log_every": [50, 1], "train.lr": [0.002, 0.0005],
+        "train.steps": [6, 8]}}]
+    log = RunFolder(tmp_path / "r").read_log()
+    assert [r["step"] for r in log][-5:] == [4, 5, 6, 7, 8] and all(r["lr"] <= 5e-4 for r in log if r["step"] > 3)
+    assert info["status"] == "complete" and info["summary"]["stages"]["main"]["steps"] == 8
+
+
+def test_resume_refuses_changes_that_would_make_another_run(tmp_path, tiny_digits):
+    spec = DatasetSpec("digits", limit=256)
+    with pytest.raises(Interrupted):
+        train_run("ae", tiny_digits, tmp_path / "r", sets=SETS, progress=False, interrupt_at=3, dataset_spec=spec)
+    before = (tmp_path / "r" / "run.json").read_bytes()
+    for extra, match in ((["train.batch_size=16"], r"train.batch_size: 32 here, 16 requested"),
+                         (["train.lr=0.1", "latent_dim=8"], r"\(model.latent_dim: 4 here, 8 requested\)")):
+        with pytest.raises(GenbenchError, match=match + r".*an unfinished run may change only train.\{steps, lr, "):
+            train_run("ae", tiny_digits, tmp_path / "r", sets=SETS + extra, resume=True, dataset_spec=spec)
+    assert (tmp_path / "r" / "run.json").read_bytes() == before  # nothing half-applied
+
+
+def test_a_finished_run_takes_no_changes(finished, tiny_digits):
+    with pytest.raises(GenbenchError, match=r"train.lr: 0.002 here, 0.001 requested\); choose another --out$"):
+        train_run("ae", tiny_digits, finished, sets=SETS + ["train.lr=0.001"], resume=True,
+                  dataset_spec=DatasetSpec("digits", limit=256))
+
+
+@pytest.mark.parametrize("model, item, match", [
+    ("ae", "train.steps=0", "train config: steps must be >= 1"),
+    ("vqvae", "train.stages.prior.steps=0", r"train config: stages.prior: steps must be >= 1"),
+])
+def test_zero_step_trainings_are_refused_up_front(tmp_path, tiny_digits, model, item, match):
+    with pytest.raises(GenbenchError, match=match):
+        train_run(model, tiny_digits, tmp_path / "r", sets=[item])
+    assert not (tmp_path / "r").exists()

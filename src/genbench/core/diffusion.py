@@ -85,7 +85,7 @@ class DiffusionConfig:
 
 def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
     """beta_t evenly spaced from beta_start to beta_end (Ho et al. 2020, sec. 4), float64."""
-    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64, device="cpu")
 
 
 def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -95,7 +95,7 @@ def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
     beta_t = min(1 - alpha_bar(t) / alpha_bar(t-1), max_beta). The clip at 0.999 avoids the
     singularity at t = T.
     """
-    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64, device="cpu") / num_timesteps
     f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     alpha_bar = f / f[0]
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)

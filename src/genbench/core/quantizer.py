@@ -308,27 +308,39 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _train_step(self, flat: Tensor, idx: Tensor, counts: Tensor) -> None:
-        """One training step of bookkeeping: step counter, last-used steps, EMA update, restarts."""
+        """One training step of bookkeeping: step counter, last-used steps, EMA update, restarts.
+
+        Data-parallel training (torch.distributed initialised, several processes): the batch
+        statistics n_k and sum z are summed over the processes first, as SyncBatchNorm does, so every
+        process computes the codebook update one process would compute on the whole global batch."""
         cfg = self.config
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, idx, flat) if cfg.update == "ema" else None
+        if _distributed():
+            counts = counts.clone()
+            torch.distributed.all_reduce(counts)
+            if sums is not None:
+                torch.distributed.all_reduce(sums)
         self.step += 1
         self.last_used.masked_fill_(counts > 0, self.step)
         if cfg.update == "ema":
-            self.ema_update(flat, idx, counts)
+            self.ema_update(flat, idx, counts, sums)
         if cfg.dead_code_steps > 0:
             self.restart_dead_codes(flat)
 
     @torch.no_grad()
-    def ema_update(self, flat: Tensor, idx: Tensor, counts: Tensor | None = None) -> None:
+    def ema_update(self, flat: Tensor, idx: Tensor, counts: Tensor | None = None, sums: Tensor | None = None) -> None:
         """EMA codebook update (van den Oord 2017 app. A.1) with Laplace-smoothed cluster sizes:
 
         N_k <- d N_k + (1-d) n_k;  m_k <- d m_k + (1-d) sum_{i: idx_i = k} z_i;
         e_k = m_k / ((N_k + eps) / (N + K eps) * N).
+
+        `counts` (n_k) and `sums` are computed from `idx` and `flat` unless given (summed over processes).
         """
         cfg = self.config
         if cfg.update != "ema":
             raise GenbenchError("VectorQuantizer.ema_update: only available with update='ema'")
         counts = torch.bincount(idx, minlength=cfg.codebook_size) if counts is None else counts
-        sums = torch.zeros_like(self.embed_sum).index_add_(0, idx, flat)
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, idx, flat) if sums is None else sums
         d = cfg.ema_decay
         self.cluster_size.mul_(d).add_(counts.to(self.cluster_size.dtype), alpha=1 - d)
         self.embed_sum.mul_(d).add_(sums, alpha=1 - d)
@@ -380,6 +392,12 @@ def codebook_stats(indices: Tensor, codebook_size: int) -> dict[str, float]:
     counts = torch.bincount(indices.reshape(-1).long(), minlength=codebook_size)
     perplexity, usage = histogram_stats(counts)
     return {"perplexity": float(perplexity), "usage": float(usage), "log2_perplexity": math.log2(float(perplexity))}
+
+
+def _distributed() -> bool:
+    """Several data-parallel processes train together (torchrun: see genbench.training.distributed)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _autocast_off(z: Tensor) -> torch.autocast:

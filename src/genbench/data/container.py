@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from genbench.errors import GenbenchError
+from genbench.limits import check_memory
 from genbench.utils import exists
 
 if TYPE_CHECKING:
@@ -104,6 +105,8 @@ def resize(x: torch.Tensor, image_size: int | None) -> torch.Tensor:
     into [0, 1]; a no-op at the native size."""
     if not exists(image_size) or x.shape[-2:] == (image_size, image_size):
         return x
+    check_memory(4.0 * x.shape[0] * x.shape[1] * image_size * image_size,
+                 f"image_size {image_size}: {x.shape[0]} images of {x.shape[1]}x{image_size}x{image_size} float32")
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
     return x.clamp_(0.0, 1.0)
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from genbench.errors import GenbenchError
+from genbench.limits import check_memory
 from genbench.utils import default, exists
 
 from .container import ImageDataset
@@ -107,6 +108,9 @@ def load_folder(data_dir, image_size: int | None, limit: int | None) -> ImageDat
     test_paths = [p for i, p in enumerate(paths) if i % FOLDER_TEST_EVERY == 0][:limit]
     train_paths = [p for i, p in enumerate(paths) if i % FOLDER_TEST_EVERY != 0][:limit]
     size = default(image_size, FOLDER_DEFAULT_SIZE)
+    channels = 1 if gray else 3
+    check_memory(4.0 * (len(test_paths) + len(train_paths)) * channels * size * size,
+                 f"folder dataset: {len(test_paths) + len(train_paths)} images of {channels}x{size}x{size} float32")
 
     def load(split_paths):
         signature = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in split_paths)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from genbench.errors import GenbenchError
+from genbench.limits import check_memory
 from genbench.utils import exists
 
 from .container import ImageDataset, labels_tensor, resize, to_unit_tensor
@@ -84,18 +85,39 @@ def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file, raw or gzip-compressed (detected by the gzip magic bytes ``1f 8b``,
-    not by the name: browsers often store a decompressed file under its ``.gz`` name)."""
+    not by the name: browsers often store a decompressed file under its ``.gz`` name).
+
+    The header is read first: the size it declares is checked against the memory limit
+    (genbench.limits) before the payload is read or inflated, and at most one byte more than it
+    is read, so a small gzip file that inflates to gigabytes costs nothing."""
     path = Path(path)
+    compressed = False
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise GenbenchError(f"{path}: cannot read IDX file: {e.strerror or e}") from e
-    if data[:2] == GZIP_MAGIC:
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise GenbenchError(f"{path}: corrupt gzip stream: {e or type(e).__name__}") from e
-    return parse_idx(data, source=str(path))
+        with open(path, "rb") as f:
+            compressed = f.read(2) == GZIP_MAGIC
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            head = f.read(4)
+            ndim = head[3] if len(head) == 4 else 0
+            head += f.read(4 * ndim)
+            declared = _declared_payload(head)
+            if declared is not None:
+                check_memory(declared, f"{path}: the IDX header's array")
+            payload = f.read(declared + 1) if declared is not None else f.read()
+    except OSError as e:  # gzip.BadGzipFile is an OSError
+        what = "corrupt gzip stream" if compressed and not isinstance(e, FileNotFoundError) else "cannot read IDX file"
+        raise GenbenchError(f"{path}: {what}: {e.strerror or e}") from e
+    except (EOFError, zlib.error) as e:
+        raise GenbenchError(f"{path}: corrupt gzip stream: {e or type(e).__name__}") from e
+    return parse_idx(head + payload, source=str(path))
+
+
+def _declared_payload(head: bytes) -> int | None:
+    """Payload bytes a complete, valid IDX header declares; None when the header is not one
+    (parse_idx then says what is wrong with it)."""
+    if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in IDX_DTYPES or head[3] == 0 or len(head) < 4 + 4 * head[3]:
+        return None
+    dims = struct.unpack(f">{head[3]}I", head[4:4 + 4 * head[3]])
+    return math.prod(dims) * IDX_DTYPES[head[2]].itemsize
 
 
 @functools.lru_cache(maxsize=8)

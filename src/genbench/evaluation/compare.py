@@ -27,14 +27,17 @@ from genbench.errors import GenbenchError
 from genbench.models.base import available_models, get_model_class
 from genbench.models.presets import TRAIN_COST_RANK
 from genbench.training.run import request_differences, resolve_configs, total_steps, train_run
-from genbench.training.run_folder import RunFolder
-from genbench.utils import default_threads
+from genbench.training.run_folder import RunFolder, lock_folder
+from genbench.training.distributed import env_world
+from genbench.utils import check_seed, default_threads, select_device
 
 from .features import get_feature_network
 from .protocol import EvalContext
 from .report import write_reports
 
 PROTOCOL_VERSION = 1
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+                 "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
 
 
 def default_jobs() -> int:
@@ -92,12 +95,24 @@ def run_comparison(
     jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise GenbenchError(f"jobs must be >= 1, got {jobs}")
+    check_seed(seed, "seed")
+    select_device(device)  # an unusable evaluation device fails now, not after the training
+    if env_world().world_size > 1:
+        raise GenbenchError("genbench compare starts its own training processes (--jobs) and evaluates in one: "
+                            "run it without torchrun (torchrun is for `genbench train`)")
     out = Path(out)
     ds = dataset.load()
-    eval_limit = eval_limit or min(len(ds.test), 2000)
-    t0 = time.perf_counter()
     for m in models:  # every model's --set items are valid before any work
         resolve_configs(m, dataset.name, ds.shape, preset, per_model_sets[m])
+    with lock_folder(out, "comparison folder"):
+        return _compare_locked(dataset, ds, out, models, preset, per_model_sets, num_samples, eval_limit, seed, device,
+                               jobs, progress, replace)
+
+
+def _compare_locked(dataset, ds, out, models, preset, per_model_sets, num_samples, eval_limit, seed, device, jobs,
+                    progress, replace) -> dict:
+    eval_limit = eval_limit or min(len(ds.test), 2000)
+    t0 = time.perf_counter()
     for m in models:  # before any work: a folder made by another request is never reused silently
         run = RunFolder(out / m)
         if not run.exists():
@@ -163,7 +178,9 @@ def train_in_processes(models: list[str], spec: DatasetSpec, shape: tuple[int, i
     for value, flag in ((spec.data_dir, "--data-dir"), (spec.image_size, "--image-size"), (spec.limit, "--limit")):
         if value is not None:
             data_args += [flag, str(value)]
-    env = {**os.environ, "GENBENCH_THREADS": str(default_threads())}
+    # a clean environment: a child must never join a process group of its parent's
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env["GENBENCH_THREADS"] = str(default_threads())
     # longest first, so that the last to start are short: the diffusion models, then the GAN, then the
     # rest (step counts say little: an AE step costs a fraction of a U-Net step)
     queue = sorted(models, key=lambda m: TRAIN_COST_RANK.index(m) if m in TRAIN_COST_RANK else len(TRAIN_COST_RANK))

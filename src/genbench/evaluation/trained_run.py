@@ -17,7 +17,8 @@ from genbench.files import write_json
 from genbench.images import save_grid
 from genbench.models.base import GenerativeModel
 from genbench.training.run_folder import RunFolder
-from genbench.utils import select_device
+from genbench.limits import check_memory
+from genbench.utils import check_seed, select_device
 
 
 class TrainedRun:
@@ -37,12 +38,18 @@ class TrainedRun:
         return DatasetSpec.from_dict(self.info["dataset"], where=f"{self.run.run_json}: dataset").load()
 
     def generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return torch.Generator(device=self.device).manual_seed(check_seed(seed))
 
     def sample(self, n: int, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
-        """n samples in batches of `batch_size`; batch i is drawn with seed `seed + i * batch_size`."""
+        """n samples in batches of `batch_size`; batch i is drawn with seed `seed + i * batch_size`.
+        Refused before any work when the n images would not fit the memory limit."""
         if n < 1:
             raise GenbenchError(f"-n must be >= 1, got {n}")
+        if batch_size < 1:
+            raise GenbenchError(f"--batch-size must be >= 1, got {batch_size}")
+        check_seed(seed)
+        c, s = self.model.config.image_channels, self.model.config.image_size
+        check_memory(2.0 * n * c * s * s * 4, f"{n} samples of {c}x{s}x{s} (float32, and their output file)")
         return torch.cat([self.model.sample(min(batch_size, n - i), generator=self.generator(seed + i)).cpu()
                           for i in range(0, n, batch_size)])
 
@@ -62,6 +69,7 @@ class TrainedRun:
         """Reconstruction MSE (where the model reconstructs), the model's own likelihood figures and
         the training summary, on the first `limit` test images; written to `out` (default
         RUN/eval.json)."""
+        check_seed(seed)
         test = self.dataset().test
         if limit:
             test = test[:limit]
@@ -72,7 +80,11 @@ class TrainedRun:
             result["reconstruction_mse"] = torch.mean((rec - test) ** 2).item()
         result.update(self.model.evaluate(test, generator=self.generator(seed)))
         result["training"] = self.info.get("summary", {})
-        write_json(Path(out) if out else self.run.path / "eval.json", result)
+        path = Path(out) if out else self.run.path / "eval.json"
+        try:
+            write_json(path, result)
+        except OSError as e:
+            raise GenbenchError(f"{path}: cannot write ({e.strerror or e})") from None
         return result
 
     def write_images(self, seed: int = 0, n: int = 64) -> None:

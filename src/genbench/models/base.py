@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,7 +49,9 @@ from torch import Tensor, nn
 
 from genbench.config import from_dict, to_dict
 from genbench.errors import GenbenchError
-from genbench.files import ensure_writable_folder, read_json, read_tensors, require_fields, write_json, write_tensors
+from genbench.files import (ensure_writable_folder, read_json, read_safetensors_header, read_tensors, require_fields,
+                            write_json, write_tensors)
+from genbench.limits import check_memory
 
 FORMAT_VERSION = 1
 EXPORT_SUBDIR = "model"
@@ -139,8 +142,13 @@ class GenerativeModel(nn.Module):
         folder = pretrained_folder(folder)
         meta = _read_meta(folder)
         cls, config = _class_and_config(meta, folder)
+        # config and weights agree, and fit in memory, before anything is allocated
+        plan = planned_state(cls, config, f"{folder / CONFIG_FILE}")
+        check_memory(2 * state_bytes(plan), f"{folder}: loading the {cls.name} model its {CONFIG_FILE} describes")
+        check_header(plan, read_safetensors_header(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
+        state = read_tensors(folder / WEIGHTS_FILE, meta["weights"])
         model = cls(config)
-        load_state(model, read_tensors(folder / WEIGHTS_FILE, meta["weights"]), folder / WEIGHTS_FILE)
+        load_state(model, state, folder / WEIGHTS_FILE)
         return model.to(device).eval()
 
 
@@ -153,6 +161,42 @@ def eval_mode(module: nn.Module):
         yield
     finally:
         module.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes known before anything is allocated
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def planned_state(cls: type[GenerativeModel], config, where: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{name: (shape, dtype)} of the state_dict `cls(config)` would have, found by building the model
+    on PyTorch's meta device, where tensors have shapes but no memory."""
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    except GenbenchError:
+        raise
+    except (RuntimeError, ValueError, OverflowError, MemoryError) as e:
+        raise GenbenchError(f"{where}: a {cls.name} model of this size cannot be built ({str(e)[:120]})") from None
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def state_bytes(plan: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in plan.values())
+
+
+def check_header(plan: dict, header: dict[str, tuple[str, tuple[int, ...]]], source) -> None:
+    """The weights file's header holds exactly the tensors (names, shapes, dtypes) the config implies."""
+    missing, unexpected = sorted(set(plan) - set(header)), sorted(set(header) - set(plan))
+    if missing or unexpected:
+        raise GenbenchError(f"{source}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for k, (shape, dtype) in plan.items():
+        if header[k] != (_ST_DTYPES.get(dtype), shape):
+            raise GenbenchError(f"{source}: {k} is {header[k][0]} {header[k][1]}, the model's config implies "
+                                f"{_ST_DTYPES.get(dtype)} {shape}")
 
 
 def pretrained_folder(path: str | os.PathLike) -> Path:

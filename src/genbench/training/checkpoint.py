@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from genbench.errors import GenbenchError
-from genbench.files import ensure_writable_folder, read_json, read_tensors, require_fields, write_json, write_tensors
+from genbench.files import (ensure_writable_folder, fsync_folder, read_json, read_tensors, require_fields, write_json,
+                            write_tensors)
 
 FORMAT_VERSION = 1
 POINTER = "latest.json"
@@ -62,6 +63,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike, name: str, tensors: dict[str, 
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_folder(root)
         write_json(root / POINTER, {"checkpoint": name})
     except OSError as e:  # latest.json could not be replaced: it still names the previous checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
@@ -88,6 +90,11 @@ def training_state(model, optimizers: dict[str, torch.optim.Optimizer], ema_shad
 
 
 # ---------------------------------------------------------------- reading
+
+
+def has_checkpoint(ckpt_root: str | os.PathLike) -> bool:
+    return (Path(ckpt_root) / POINTER).exists()
+
 
 
 def load_checkpoint(ckpt_root: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict] | None:

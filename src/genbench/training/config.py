@@ -15,6 +15,11 @@ from genbench.config import from_dict, merge, to_dict
 from genbench.errors import GenbenchError
 
 
+# what a resumed run may change (`genbench train --resume --set train.lr=...`): the rest would make the
+# checkpoint describe another run
+RESUMABLE_FIELDS = ("steps", "lr", "grad_clip", "log_every", "ckpt_every")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -37,7 +42,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.steps >= 0, "steps must be >= 0"),
+            (self.steps >= 1, "steps must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
@@ -58,7 +63,12 @@ class TrainConfig:
         for stage, over in self.stages.items():
             if "stages" in over:
                 raise GenbenchError(f"train config: stages.{stage} cannot nest stages")
-            from_dict(TrainConfig, merge(base, over), where=f"train config: stages.{stage}")
+            try:
+                from_dict(TrainConfig, merge(base, over), where=f"train config: stages.{stage}")
+            except GenbenchError as e:
+                if f"stages.{stage}" in str(e):
+                    raise
+                raise GenbenchError(str(e).replace("train config: ", f"train config: stages.{stage}: ", 1)) from None
 
     def for_stage(self, stage: str) -> TrainConfig:
         over = self.stages.get(stage, {})

@@ -37,8 +37,8 @@ from genbench.models.base import GenerativeModel, load_state
 from genbench.utils import autocast, bf16_effective
 
 from . import distributed
-from .checkpoint import (check_like, check_position, checkpoint_name, load_checkpoint, prefixed, restore_optimizer,
-                         save_checkpoint, training_state)
+from .checkpoint import (check_like, check_position, checkpoint_name, has_checkpoint, load_checkpoint, prefixed,
+                         restore_optimizer, save_checkpoint, training_state)
 from .config import TrainConfig, check_world, lr_at
 from .run_folder import RunFolder, TrainingLog
 
@@ -266,7 +266,8 @@ def _train_stage(session: Session, st: StageState) -> None:
     bar = tqdm(total=cfg.steps, initial=st.step, desc=f"{model.name}:{stage}", unit="step",
                disable=not (session.progress and rank == 0), dynamic_ncols=True, leave=False)
     window_t, window_steps = time.perf_counter(), 0
-    stage_summary = session.summary["stages"].setdefault(stage, {"steps": cfg.steps, "batch_size": bs})
+    stage_summary = session.summary["stages"].setdefault(stage, {})
+    stage_summary.update(steps=cfg.steps, batch_size=bs)  # a resumed run may have been given more steps
     t_start = time.perf_counter()
     try:
         while st.step < cfg.steps:
@@ -299,10 +300,11 @@ def _train_stage(session: Session, st: StageState) -> None:
             # every rank sees the same averaged losses, so all stop together (no rank left waiting)
             if not all(torch.isfinite(v).all() for v in losses.values()):
                 bad = {g: float(v) for g, v in losses.items()}
+                kept = (f"the last good checkpoint in {session.run.checkpoints} is kept"
+                        if has_checkpoint(session.run.checkpoints) else "no checkpoint was written yet")
                 raise TrainingDiverged(
                     f"{model.name}: stage {stage!r} step {step}: loss is not finite ({bad}); training stopped, "
-                    f"the last good checkpoint in {session.run.checkpoints} is kept (try a lower lr or "
-                    "--set train.grad_clip=1.0)"
+                    f"{kept} (try a lower lr or clipping: --resume --set train.lr=... / --set train.grad_clip=1.0)"
                 )
             for opt in st.optimizers.values():
                 opt.step()

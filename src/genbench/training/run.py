@@ -20,12 +20,13 @@ from genbench.config import apply_sets, from_dict, merge, to_dict
 from genbench.data import DatasetSpec, ImageDataset
 from genbench.errors import GenbenchError
 from genbench.files import ensure_writable_folder
-from genbench.models.base import get_model_class
+from genbench.limits import check_memory
+from genbench.models.base import get_model_class, planned_state, state_bytes
 from genbench.models.presets import DATASET_PRESETS, PRESETS
 from genbench.utils import count_parameters
 
 from . import distributed
-from .config import TrainConfig, check_world
+from .config import RESUMABLE_FIELDS, TrainConfig, check_world
 from .loop import train
 from .run_folder import RunFolder
 
@@ -49,7 +50,18 @@ def resolve_configs(model_name: str, dataset_name: str, shape: tuple[int, int, i
     model_cfg = from_dict(cls.Config, model_d, where=f"{model_name} config")
     train_cfg = from_dict(TrainConfig, train_d, where="train config")
     check_stage_names(train_cfg, model_name, tuple(cls.stages))
+    check_training_memory(cls, model_cfg, f"{model_name} config")
     return model_cfg, train_cfg
+
+
+# the model's state, its gradients, AdamW's two moments and an EMA copy
+TRAINING_STATE_COPIES = 5
+
+
+def check_training_memory(cls, model_cfg, where: str) -> None:
+    """Refuse a config whose training state would not fit the memory limit, before building it."""
+    nbytes = TRAINING_STATE_COPIES * state_bytes(planned_state(cls, model_cfg, where))
+    check_memory(nbytes, f"{where}: training a {cls.name} model of this size")
 
 
 def check_stage_names(train_cfg: TrainConfig, model_name: str, stages: tuple[str, ...]) -> None:
@@ -79,12 +91,15 @@ def request_differences(info: dict, model_name: str, dataset_spec: DatasetSpec, 
     item per difference. The model and the dataset are always compared; the configs only when the
     request names a preset or --set items (None: "as recorded"): resolved, so the order of the items
     does not matter, and a preset changed in the code since the run started shows as a difference."""
-    diffs = []
+    return [f"{k}: {a} here, {b} requested" for k, a, b in _differences(info, model_name, dataset_spec, shape, preset, sets)]
+
+
+def _differences(info, model_name, dataset_spec, shape, preset, sets) -> list[tuple[str, Any, Any]]:
     if info["model"] != model_name:
-        return [f"model: {info['model']} here, {model_name} requested"]
+        return [("model", info["model"], model_name)]
     here = _flat(DatasetSpec.from_dict(info.get("dataset", {}), where="the run's recorded dataset").to_dict(), "dataset.")
     wanted = _flat(dataset_spec.to_dict(), "dataset.")
-    diffs += [f"{k}: {here[k]} here, {wanted[k]} requested" for k in here if here[k] != wanted[k]]
+    diffs = [(k, here[k], wanted[k]) for k in here if here[k] != wanted[k]]
     if preset is None and sets is None:
         return diffs
     model_cfg, train_cfg = resolve_configs(model_name, dataset_spec.name, shape, preset or info.get("preset", "quick"),
@@ -92,9 +107,14 @@ def request_differences(info: dict, model_name: str, dataset_spec: DatasetSpec, 
     for section, recorded, requested in (("model", info["model_config"], to_dict(model_cfg)),
                                          ("train", info["train_config"], to_dict(train_cfg))):
         here, wanted = _flat(recorded, f"{section}."), _flat(requested, f"{section}.")
-        diffs += [f"{k}: {here.get(k)} here, {wanted.get(k)} requested" for k in sorted(set(here) | set(wanted))
-                  if here.get(k) != wanted.get(k)]
+        diffs += [(k, here.get(k), wanted.get(k)) for k in sorted(set(here) | set(wanted)) if here.get(k) != wanted.get(k)]
     return diffs
+
+
+def _resumable(key: str) -> bool:
+    """train.<field> or train.stages.<stage>.<field> with a field that a resumed run may change."""
+    parts = key.split(".")
+    return parts[0] == "train" and parts[-1] in RESUMABLE_FIELDS and (len(parts) == 2 or parts[1] == "stages")
 
 
 def train_run(model_name: str, dataset: ImageDataset, run_dir: str | os.PathLike, preset: str | None = None,
@@ -113,19 +133,43 @@ def train_run(model_name: str, dataset: ImageDataset, run_dir: str | os.PathLike
     run = RunFolder(run_dir)
     cls = get_model_class(model_name)
     spec = dataset_spec or dataset.spec or DatasetSpec(dataset.name)
+    if not run.exists():  # a new run's request is checked before its folder is created
+        _, train_cfg = resolve_configs(model_name, dataset.name, dataset.shape, preset or "quick", sets or ())
+        check_world(train_cfg, tuple(cls.stages), dataset.train.shape[0], world.world_size)
+    lock = distributed.on_main(run.lock, what=f"locking the run folder {run.path}")  # rank 0 owns the folder
+    try:
+        return _train_locked(run, cls, model_name, dataset, spec, preset, sets, resume, progress, interrupt_at, world)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train_locked(run: RunFolder, cls, model_name, dataset, spec, preset, sets, resume, progress, interrupt_at,
+                  world) -> Path:
     def setup() -> dict:
         if run.exists():
             info = run.read_info()
             if not resume:
                 raise GenbenchError(f"{run.path}: already holds a run; pass --resume to continue it or choose another --out")
-            diffs = request_differences(info, model_name, spec, dataset.shape, preset, sets)
-            if diffs:
-                raise GenbenchError(f"{run.path}: holds a run of another request ({'; '.join(diffs)}); "
-                                    "choose another --out")
+            diffs = _differences(info, model_name, spec, dataset.shape, preset, sets)
+            running = info["status"] == "running"
+            fixed = [d for d in diffs if not (running and _resumable(d[0]))]
+            if fixed:
+                listed = "; ".join(f"{k}: {a} here, {b} requested" for k, a, b in fixed)
+                hint = f" (an unfinished run may change only train.{{{', '.join(RESUMABLE_FIELDS)}}})" if running else ""
+                raise GenbenchError(f"{run.path}: holds a run of another request ({listed}); choose another --out{hint}")
             if info["status"] == "complete":
                 return info
-            from_dict(cls.Config, info["model_config"], where=f"{run.run_json}: model_config")
+            run.clean_interrupted_writes()
+            if diffs:  # only what a resumed run may change: applied from here on, and recorded
+                _, requested = resolve_configs(model_name, spec.name, dataset.shape, preset or info.get("preset", "quick"),
+                                               info.get("sets", []) if sets is None else sets)
+                info["train_config"] = to_dict(requested)
+                info.setdefault("changed_on_resume", []).append(
+                    {"sets": list(sets or []), "changes": {k: [a, b] for k, a, b in diffs}})
+                run.write_info(info)
+            model_cfg = from_dict(cls.Config, info["model_config"], where=f"{run.run_json}: model_config")
+            check_training_memory(cls, model_cfg, f"{run.run_json}: model_config")
             train_cfg = from_dict(TrainConfig, info["train_config"], where=f"{run.run_json}: train_config")
             check_stage_names(train_cfg, model_name, tuple(cls.stages))
             check_world(train_cfg, tuple(cls.stages), dataset.train.shape[0], world.world_size)

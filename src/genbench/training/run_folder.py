@@ -11,19 +11,85 @@
     <run>/train.log       stdout/stderr of a training process started by `genbench compare`
     <run>/samples.png, reconstructions.png   pictures written after training (genbench.evaluation)
 
-Only rank 0 of a distributed run touches the folder (genbench.training.distributed.on_main).
+    <run>/.lock           who trains in the folder now: one process at a time (see `lock_folder`)
+
+Only rank 0 of a distributed run touches the folder (genbench.training.distributed.on_main), and
+only while it holds the folder's lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
+import socket
+import time
 from pathlib import Path
 from typing import IO
 
 from genbench.errors import GenbenchError
-from genbench.files import atomic_write_bytes, read_json, require_fields, write_json
+from genbench.files import atomic_write_bytes, ensure_writable_folder, read_json, remove_stale_temporaries, require_fields, write_json
 from genbench.models.base import EXPORT_SUBDIR
+
+LOCK_FILE = ".lock"
+
+
+class FolderLock:
+    """An exclusive advisory lock (flock) on `<folder>/.lock`, which records its owner's pid and host.
+
+    The kernel drops the lock when its process ends, however it ends, so a crash leaves no stale
+    lock behind: the file may stay, unlocked, and the next process takes it over. `release()`
+    removes the file. A lock is taken only on the file the path names at that moment (a holder that
+    released and removed it in between makes the taker retry on the new file)."""
+
+    def __init__(self, folder: Path, what: str):
+        ensure_writable_folder(folder, what)
+        self.path = folder / LOCK_FILE
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise GenbenchError(f"{what} {folder} is in use by {_owner(self.path)}; wait for it to finish, or "
+                                    "stop that process (a killed process releases the folder)") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the file was removed (released) while we waited for it: lock the new one
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(record) + "\n").encode())
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked: nobody holds the file we remove
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _owner(lock_path: Path) -> str:
+    try:
+        record = json.loads(lock_path.read_text())
+        return f"pid {record['pid']} on {record['host']} (since {record['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def lock_folder(folder: str | os.PathLike, what: str = "run folder") -> FolderLock:
+    return FolderLock(Path(folder), what)
 
 STATUSES = ("running", "complete")
 
@@ -78,6 +144,23 @@ class RunFolder:
         if info["status"] != "complete" or not (self.model_dir / "config.json").exists():
             raise GenbenchError(f"{self.path}: training has not finished; continue it with `genbench train ... --resume`")
         return info
+
+    def lock(self) -> FolderLock:
+        """Own the folder (created if needed) for training; a second trainer gets a clear error."""
+        return lock_folder(self.path, "run folder")
+
+    def clean_interrupted_writes(self) -> list[Path]:
+        """Remove what writers killed mid-write left behind (temporary files, partial checkpoint
+        folders); call it only while holding the lock."""
+        removed = []
+        for folder in (self.path, self.checkpoints, self.model_dir):
+            if folder.is_dir():
+                removed += remove_stale_temporaries(folder)
+        if self.checkpoints.is_dir():
+            for partial in self.checkpoints.glob(".*.partial"):
+                shutil.rmtree(partial, ignore_errors=True)
+                removed.append(partial)
+        return removed
 
     def move_aside(self) -> Path:
         """Rename the folder to the first free `<name>.replaced-<k>` (nothing is deleted); returns it."""
