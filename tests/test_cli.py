@@ -273,3 +273,35 @@ def test_a_read_only_output_folder_is_one_line(vae_run, tmp_path, capsys, monkey
     monkeypatch.setattr("genbench.images.atomic_write_bytes", refuse)
     assert main(["sample", str(vae_run), "--out", str(ro / "s.png")]) == 2
     _one_line_error(capsys, "s.png: cannot write (Read-only file system)")
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing the sampler of a diffusion model when sampling
+
+
+def test_sample_with_another_sampler(ddpm_run, tmp_path, capsys):
+    argv = ["sample", str(ddpm_run), "-n", "6", "--out", str(tmp_path / "s.npz")]
+    assert main([*argv, "--sampler", "dpm++2m", "--steps", "3"]) == 0
+    assert "with DPM-Solver++(2M)" in capsys.readouterr().out
+    a = np.load(tmp_path / "s.npz")["images"]
+    assert main([*argv, "--sampler", "ddim", "--steps", "3"]) == 0
+    b = np.load(tmp_path / "s.npz")["images"]
+    assert a.shape == b.shape == (6, 1, 8, 8) and not np.array_equal(a, b)  # the sampler was really changed
+    assert main([*argv]) == 0 and "DDIM, 2 steps" in capsys.readouterr().out  # the run's own, as recorded
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--sampler", "euler"], "sampler: name must be one of"),
+    (["--sampler", "dpm++2m", "--eta", "1"], "eta applies to DDIM only"),
+    (["--steps", "500"], r"sampler: steps \(500\) must be <= diffusion.num_timesteps \(20\)"),
+    (["--spacing", "karras"], "spacing"),
+])
+def test_bad_sampler_choices_are_one_line(ddpm_run, tmp_path, capsys, extra, match):
+    assert main(["sample", str(ddpm_run), "-n", "2", "--out", str(tmp_path / "s.png"), *extra]) == 2
+    _one_line_error(capsys, "")
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_a_model_without_a_sampler_says_so(vae_run, tmp_path, capsys):
+    assert main(["sample", str(vae_run), "-n", "2", "--out", str(tmp_path / "s.png"), "--steps", "10"]) == 2
+    _one_line_error(capsys, "vae has no sampler to choose")

@@ -89,11 +89,15 @@ def cmd_sample(args) -> int:
     if args.n < 1:
         raise GenbenchError(f"-n must be >= 1, got {args.n}")
     run = TrainedRun(args.run_dir, args.device)
+    chosen = dict(name=args.sampler, steps=args.steps, spacing=args.spacing, eta=args.eta)
+    if any(v is not None for v in chosen.values()):
+        run.with_sampler(**chosen)
     t0 = time.perf_counter()
     images = run.sample(args.n, seed=args.seed, batch_size=args.batch_size)
     dt = time.perf_counter() - t0
     save_images(images, out)
-    print(f"{args.n} samples in {dt:.2f}s ({dt / args.n * 1000:.1f} ms/image) -> {out}")
+    how = f" with {run.model.config.sampler.describe(run.model.diffusion.num_timesteps)}" if run.model.has_sampler else ""
+    print(f"{args.n} samples{how} in {dt:.2f}s ({dt / args.n * 1000:.1f} ms/image) -> {out}")
     return 0
 
 
@@ -121,13 +125,14 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .evaluation.compare import run_comparison, split_model_sets
+    from .evaluation.compare import parse_sampler_sweep, run_comparison, split_model_sets
 
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     result = run_comparison(_dataset_spec(args), args.out, models=models, preset=args.preset,
                             sets=split_model_sets(args.set), num_samples=args.num_samples,
                             eval_limit=args.eval_limit, seed=args.seed, device=args.device, jobs=args.jobs,
-                            progress=not args.no_progress, replace=args.replace)
+                            progress=not args.no_progress, replace=args.replace,
+                            sampler_sweep=None if args.sampler_sweep is None else parse_sampler_sweep(args.sampler_sweep))
     print(f"[compare] done in {result['wall_time_s']:.0f}s; report: {result['reports']['html']}")
     return 0
 
@@ -173,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
+    p.add_argument("--sampler", default=None, help="diffusion models: ddim | ddpm | dpm++2m | heun (default: the run's)")
+    p.add_argument("--steps", type=int, default=None, help="diffusion models: network calls per sample")
+    p.add_argument("--spacing", default=None, help="diffusion models: timestep grid (default: the sampler's own)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM only: 0 deterministic, 1 DDPM-like noise")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("reconstruct", help="test images beside their reconstructions")
@@ -206,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None,
                    help="models trained at once, each in its own process (default: cores / threads per "
                         "process, e.g. 2 on a 2-core machine; 1 trains in this process)")
+    p.add_argument("--sampler-sweep", default=None, metavar="SAMPLER:STEPS,...",
+                   help="diffusion models: also measure FD with these samplers, for the report's FD against "
+                        "network calls (default: dpm++2m:5,dpm++2m:10,dpm++2m:20,ddim:10,ddim:20; '' for none)")
     p.add_argument("--replace", action="store_true",
                    help="a model folder in --out made by another request is moved aside (MODEL.replaced-K) and "
                         "trained anew, instead of an error")

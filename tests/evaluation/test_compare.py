@@ -86,3 +86,51 @@ def test_split_model_sets():
     for bad in ("latent_dim=8", "gan:x=1"):
         with pytest.raises(GenbenchError, match="expected MODEL:KEY=VALUE"):
             split_model_sets([bad])
+
+
+DDPM = ["train.steps=30", "unet.base_channels=8", "unet.num_heads=1", "diffusion.num_timesteps=50", "bpd_timesteps=5",
+        "bpd_images=16"]
+
+
+def test_diffusion_models_are_measured_against_network_calls_and_samplers_apply_to_finished_runs(tmp_path,
+                                                                                               monkeypatch):
+    from genbench.core.samplers import SamplerConfig
+    from genbench.training import run as run_mod
+
+    kw = dict(models=["ddpm"], num_samples=100, eval_limit=16, jobs=1, progress=False)
+    sweep = [SamplerConfig("dpm++2m", 4), SamplerConfig("ddim", 4), SamplerConfig("heun", 5)]
+    res = run_comparison(DatasetSpec("digits"), tmp_path, sets={"ddpm": DDPM + ["sampler.steps=8"]},
+                         sampler_sweep=sweep, **kw)
+    row = res["rows"][2]
+    points = row["fd_by_sampler"]
+    assert [(p["sampler"], p["network_calls"]) for p in points] == [("ddim", 8), ("dpm++2m", 4), ("ddim", 4),
+                                                                    ("heun", 5)]
+    assert points[0]["fd"] == row["fd"] and row["network_calls_per_sample"] == {"unet": 8}
+    assert all(p["fd"] > 0 and p["sample_ms_per_image"] > 0 for p in points)
+    assert len({p["fd"] for p in points}) == 4  # each sampler really drew its own samples
+    html = (tmp_path / "report.html").read_text()
+    table = html[html.index("<table id='samplers'>"):]
+    table = table[:table.index("</table>")]
+    assert "FD against network calls per sample" in html and table.count("<tr><td>ddpm</td>") == 4
+    assert "| ddpm | dpm++2m (logsnr) | 4 |" in (tmp_path / "report.md").read_text()
+
+    # another sampler for the finished run: evaluated with it, not retrained
+    monkeypatch.setattr(run_mod, "train", lambda *a, **k: pytest.fail("retrained for a sampler"))
+    again = run_comparison(DatasetSpec("digits"), tmp_path, sets={"ddpm": DDPM + ["sampler.name=dpm++2m",
+                                                                                 "sampler.steps=4"]},
+                           sampler_sweep=[], **kw)
+    row2 = again["rows"][2]
+    assert row2["sampler"].startswith("DPM-Solver++(2M)") and row2["network_calls_per_sample"] == {"unet": 4}
+    assert row2["fd"] == points[1]["fd"]  # the sweep's point for the same sampler, same seed
+    assert [p["sampler"] for p in row2["fd_by_sampler"]] == ["dpm++2m"]
+
+
+def test_a_bad_sampler_sweep_is_refused_before_any_work(tmp_path):
+    from genbench.evaluation.compare import parse_sampler_sweep
+
+    assert [(s.name, s.steps) for s in parse_sampler_sweep("dpm++2m:10, ddim:50")] == [("dpm++2m", 10), ("ddim", 50)]
+    assert parse_sampler_sweep("") == ()
+    for bad, match in (("dpm++2m", "expected SAMPLER:STEPS"), ("euler:5", "name must be one of"),
+                       ("ddim:x", "expected SAMPLER:STEPS")):
+        with pytest.raises(GenbenchError, match=match):
+            parse_sampler_sweep(bad)

@@ -125,7 +125,12 @@ def _grid(images: torch.Tensor) -> np.ndarray:
 def test_row_keys_kinds_and_record(name, rows, runs):
     row, record = rows[name], _record(runs, name)
     cls = get_model_class(name)
-    assert set(row) == ROW_KEYS
+    assert set(row) == ROW_KEYS | ({"sampler", "fd_by_sampler"} if cls.has_sampler else set())
+    if cls.has_sampler:  # without a sweep: the one point of the row's own sampler
+        assert row["fd_by_sampler"] == [{"sampler": "ddim", "spacing": "trailing", "steps": row["network_calls_per_sample"]["unet"],
+                                         "network_calls": row["network_calls_per_sample"]["unet"], "fd": row["fd"],
+                                         "sample_ms_per_image": row["sample_ms_per_image"]}]
+        assert row["sampler"].startswith("DDIM, ")
     assert {key for key, *_ in COLUMNS} <= set(row)  # every column of the report is filled from the row
     assert row["name"] == name and row["kind"] == "model" and row["run_dir"] == str(runs[name])
     assert row["family"] == cls.FAMILY and row["device"] == "cpu"

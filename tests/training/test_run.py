@@ -139,3 +139,27 @@ def test_zero_step_trainings_are_refused_up_front(tmp_path, tiny_digits, model, 
     with pytest.raises(GenbenchError, match=match):
         train_run(model, tiny_digits, tmp_path / "r", sets=[item])
     assert not (tmp_path / "r").exists()
+
+
+DDPM = ["train.steps=4", "train.ckpt_every=2", "train.batch_size=16", "unet.base_channels=8", "unet.num_heads=1",
+        "diffusion.num_timesteps=20", "bpd_timesteps=2", "bpd_images=8", "sampler.steps=4"]
+
+
+def test_the_sampler_is_no_part_of_training(tmp_path, tiny_digits):
+    """An unfinished run takes another sampler (recorded); a finished run refuses it through train and
+    says where a sampler is chosen; a caller that samples itself (the comparison) reuses the run."""
+    spec = DatasetSpec("digits", limit=256)
+    with pytest.raises(Interrupted):
+        train_run("ddpm", tiny_digits, tmp_path / "r", sets=DDPM, progress=False, interrupt_at=2, dataset_spec=spec)
+    train_run("ddpm", tiny_digits, tmp_path / "r", sets=DDPM + ["sampler.name=dpm++2m"], resume=True, progress=False,
+              dataset_spec=spec)
+    info = RunFolder(tmp_path / "r").read_info()
+    assert info["model_config"]["sampler"]["name"] == "dpm++2m"
+    assert info["changed_on_resume"][0]["changes"] == {"model.sampler.name": ["ddim", "dpm++2m"]}
+    exported = json.loads((tmp_path / "r" / "model" / "config.json").read_text())
+    assert exported["config"]["sampler"]["name"] == "dpm++2m"
+    with pytest.raises(GenbenchError, match=r"model.sampler.steps: 4 here, 9 requested.*genbench sample RUN --sampler"):
+        train_run("ddpm", tiny_digits, tmp_path / "r", sets=DDPM + ["sampler.name=dpm++2m", "sampler.steps=9"],
+                  resume=True, dataset_spec=spec)
+    assert train_run("ddpm", tiny_digits, tmp_path / "r", sets=DDPM + ["sampler.steps=9"], resume=True,
+                     dataset_spec=spec, sampler_elsewhere=True) == tmp_path / "r"

@@ -22,11 +22,12 @@ from typing import Mapping, Sequence
 
 from tqdm import tqdm
 
+from genbench.core.samplers import SamplerConfig
 from genbench.data import DatasetSpec
 from genbench.errors import GenbenchError
 from genbench.models.base import available_models, get_model_class
 from genbench.models.presets import TRAIN_COST_RANK
-from genbench.training.run import request_differences, resolve_configs, total_steps, train_run
+from genbench.training.run import SAMPLER_KEYS, request_differences, resolve_configs, total_steps, train_run
 from genbench.training.run_folder import RunFolder, lock_folder
 from genbench.training.distributed import env_world
 from genbench.utils import check_seed, default_threads, select_device
@@ -36,6 +37,9 @@ from .protocol import EvalContext
 from .report import write_reports
 
 PROTOCOL_VERSION = 1
+# a diffusion model's FD against its network calls per sample, beside the sampler it is evaluated with
+DEFAULT_SAMPLER_SWEEP = (SamplerConfig("dpm++2m", 5), SamplerConfig("dpm++2m", 10), SamplerConfig("dpm++2m", 20),
+                         SamplerConfig("ddim", 10), SamplerConfig("ddim", 20))
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
                  "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
 
@@ -65,6 +69,7 @@ def run_comparison(
     jobs: int | None = None,
     progress: bool = True,
     replace: bool = False,
+    sampler_sweep: Sequence[SamplerConfig] | None = None,
 ) -> dict:
     """Train (or reuse) `models` (default: all) on `dataset` into `out/<model>/`, evaluate each by the
     same protocol, write `out/metrics.json`, `report.md` and `report.html`, and return the result
@@ -78,7 +83,12 @@ def run_comparison(
     A model's existing run folder is reused (finished) or resumed (unfinished) only when it holds the
     run of this request (model, dataset, preset, --set items); otherwise nothing is done and a
     GenbenchError names the differences, unless `replace`: then the old folder is moved aside to
-    `<model>.replaced-<k>` and the model is trained anew."""
+    `<model>.replaced-<k>` and the model is trained anew.
+
+    Diffusion models are evaluated with the sampler the request names (`--set ddpm:sampler.steps=10`
+    applies to a finished run too: sampling is no part of training), and, for the report's FD
+    against network calls, under each sampler of `sampler_sweep` (default DEFAULT_SAMPLER_SWEEP;
+    empty: none)."""
     models = list(models) if models else available_models()
     for m in models:
         get_model_class(m)  # unknown model: fail before any work
@@ -104,20 +114,25 @@ def run_comparison(
     ds = dataset.load()
     for m in models:  # every model's --set items are valid before any work
         resolve_configs(m, dataset.name, ds.shape, preset, per_model_sets[m])
+    sweep = DEFAULT_SAMPLER_SWEEP if sampler_sweep is None else tuple(sampler_sweep)
+    for sampler in sweep:
+        sampler.validate()
     with lock_folder(out, "comparison folder"):
         return _compare_locked(dataset, ds, out, models, preset, per_model_sets, num_samples, eval_limit, seed, device,
-                               jobs, progress, replace)
+                               jobs, progress, replace, sweep)
 
 
 def _compare_locked(dataset, ds, out, models, preset, per_model_sets, num_samples, eval_limit, seed, device, jobs,
-                    progress, replace) -> dict:
+                    progress, replace, sampler_sweep) -> dict:
     eval_limit = eval_limit or min(len(ds.test), 2000)
     t0 = time.perf_counter()
     for m in models:  # before any work: a folder made by another request is never reused silently
         run = RunFolder(out / m)
         if not run.exists():
             continue
-        diffs = request_differences(run.read_info(), m, dataset, ds.shape, preset, per_model_sets[m])
+        # the sampler is applied at evaluation below: a finished run serves any sampler
+        diffs = [d for d in request_differences(run.read_info(), m, dataset, ds.shape, preset, per_model_sets[m])
+                 if not d.startswith(SAMPLER_KEYS)]
         if diffs and not replace:
             raise GenbenchError(f"{run.path}: holds a run of another request ({'; '.join(diffs)}); choose another "
                                 "--out, or pass --replace to move it aside and train anew")
@@ -135,9 +150,12 @@ def _compare_locked(dataset, ds, out, models, preset, per_model_sets, num_sample
         run_dir = out / m
         print(f"[compare] {m}: train (or reuse) in {run_dir}", flush=True)
         train_run(m, ds, run_dir, preset=preset, sets=per_model_sets[m], resume=True, progress=progress,
-                  dataset_spec=dataset)
+                  dataset_spec=dataset, sampler_elsewhere=True)
         print(f"[compare] {m}: evaluate", flush=True)
-        rows.append(ctx.evaluate_run(run_dir, device=device))
+        requested, _ = resolve_configs(m, dataset.name, ds.shape, preset, per_model_sets[m])
+        has_sampler = get_model_class(m).has_sampler
+        rows.append(ctx.evaluate_run(run_dir, device=device, sampler=requested.sampler if has_sampler else None,
+                                     sweep=list(sampler_sweep) if has_sampler else []))
     result = {
         "protocol_version": PROTOCOL_VERSION,
         "dataset": dataset.to_dict(),
@@ -152,6 +170,19 @@ def _compare_locked(dataset, ds, out, models, preset, per_model_sets, num_sample
     }
     result["reports"] = {k: str(v) for k, v in write_reports(out, result).items()}
     return result
+
+
+def parse_sampler_sweep(text: str) -> tuple[SamplerConfig, ...]:
+    """"dpm++2m:10,ddim:50" (the command line's form) -> sampler configs; "" -> none."""
+    sweep = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, steps = item.partition(":")
+        if not sep or not steps.strip().isdigit():
+            raise GenbenchError(f"--sampler-sweep {item!r}: expected SAMPLER:STEPS, e.g. dpm++2m:10")
+        sampler = SamplerConfig(name.strip(), int(steps))
+        sampler.validate()
+        sweep.append(sampler)
+    return tuple(sweep)
 
 
 def split_model_sets(items: Sequence[str]) -> dict[str, list[str]]:

@@ -74,26 +74,58 @@ class EvalContext:
     # ---- one trained model
 
     @torch.no_grad()
-    def evaluate_run(self, run_dir: str | Path, device: str = "auto") -> dict:
-        run = RunFolder(run_dir)
-        info = run.require_complete()
-        dev = select_device(device)
-        model = GenerativeModel.from_pretrained(run.model_dir, device=dev)
-        # samples: same count and seed for every model; timed per image
-        calls = count_network_calls(model)
-        gen = torch.Generator(device=dev).manual_seed(self.seed)
-        if dev.type == "cuda":
+    def draw(self, model: GenerativeModel, device: torch.device) -> tuple[torch.Tensor, float]:
+        """`num_samples` samples with the context's seed, and the seconds each took."""
+        gen = torch.Generator(device=device).manual_seed(self.seed)
+        if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         batches = []
         for i in range(0, self.num_samples, SAMPLE_BATCH):
             batches.append(model.sample(min(SAMPLE_BATCH, self.num_samples - i), generator=gen).float().cpu())
-        if dev.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.synchronize()
-        sample_s = (time.perf_counter() - t0) / self.num_samples
-        samples = torch.cat(batches).clamp(0, 1)
+        return torch.cat(batches).clamp(0, 1), (time.perf_counter() - t0) / self.num_samples
+
+    def sampler_sweep(self, model: GenerativeModel, device: torch.device, samplers: list) -> list[dict]:
+        """FD (and seconds per sample) of a diffusion model under each sampler config, with the same
+        samples count and seed as the main row: quality against network calls per sample."""
+        own = model.config.sampler
+        points = []
+        try:
+            for sampler in samplers:
+                model.set_sampler(sampler)
+                samples, seconds = self.draw(model, device)
+                points.append({"sampler": sampler.name, "spacing": sampler.resolved_spacing(), "steps": sampler.steps,
+                               "network_calls": sampler.network_calls(model.diffusion.num_timesteps),
+                               "fd": metrics.frechet_distance(self.feats.features(samples), self.real_feats),
+                               "sample_ms_per_image": seconds * 1000})
+        finally:
+            model.set_sampler(own)
+        return points
+
+    @torch.no_grad()
+    def evaluate_run(self, run_dir: str | Path, device: str = "auto", sampler=None, sweep: list = ()) -> dict:
+        """One finished run through the protocol. Diffusion models sample with `sampler` (a
+        SamplerConfig) when given, else their run's own, and `sweep` adds FD under other samplers."""
+        run = RunFolder(run_dir)
+        info = run.require_complete()
+        dev = select_device(device)
+        model = GenerativeModel.from_pretrained(run.model_dir, device=dev)
+        if sampler is not None:
+            model.set_sampler(sampler)
+        # samples: same count and seed for every model; timed per image
+        calls = count_network_calls(model)
+        samples, sample_s = self.draw(model, dev)
         row = {"name": info["model"], "kind": "model", "run_dir": str(run.path), **self.sample_metrics(samples)}
         row["network_calls_per_sample"] = calls
+        if model.has_sampler:
+            own = model.config.sampler
+            main = {"sampler": own.name, "spacing": own.resolved_spacing(), "steps": own.steps,
+                    "network_calls": own.network_calls(model.diffusion.num_timesteps), "fd": row["fd"],
+                    "sample_ms_per_image": sample_s * 1000}
+            row["sampler"] = own.describe(model.diffusion.num_timesteps)
+            row["fd_by_sampler"] = [main] + self.sampler_sweep(model, dev, [s for s in sweep if s != own])
         test = self.test.to(dev)
         images = {"samples": make_grid(samples[:64], nrow=8)}
         row.update(mse=None, psnr=None, ssim=None, recon_fd=None)

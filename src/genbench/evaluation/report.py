@@ -106,6 +106,44 @@ def curves_png(rows: list[dict]) -> bytes | None:
     return _figure_png(fig)
 
 
+SAMPLER_MARKERS = {"ddim": "o", "dpm++2m": "s", "heun": "^", "ddpm": "x"}
+
+
+def sampler_png(rows: list[dict]) -> bytes | None:
+    """FD against network calls per sample, one line per (diffusion model, sampler), log axes."""
+    models = [r for r in rows if r["kind"] == "model" and r.get("fd_by_sampler")]
+    if not models:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for color, r in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], models):
+        by_name: dict[str, list[dict]] = {}
+        for p in r["fd_by_sampler"]:
+            by_name.setdefault(p["sampler"], []).append(p)
+        for name, points in by_name.items():
+            points = sorted(points, key=lambda p: p["network_calls"])
+            ax.plot([p["network_calls"] for p in points], [p["fd"] for p in points], marker=SAMPLER_MARKERS.get(name, "."),
+                    color=color, label=f"{r['name']} {name}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network calls per sample")
+    ax.set_ylabel("FD ↓")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def sampler_table(rows: list[dict]) -> list[tuple[str, str, int, float, float]]:
+    """(model, sampler (spacing), network calls, FD, ms per sample), by model then calls."""
+    out = []
+    for r in rows:
+        if r["kind"] == "model":
+            for p in sorted(r.get("fd_by_sampler") or [], key=lambda p: (p["network_calls"], p["sampler"])):
+                how = p["sampler"] + (f" ({p['spacing']})" if p.get("spacing") else "")
+                out.append((r["name"], how, p["network_calls"], p["fd"], p["sample_ms_per_image"]))
+    return out
+
+
 def cost_png(rows: list[dict]) -> bytes | None:
     models = [r for r in rows if r["kind"] == "model"]
     if not models:
@@ -181,6 +219,11 @@ def render_markdown(result: dict) -> str:
     for r in result["rows"]:
         if r["kind"] == "model":
             lines.append(f"- {r['name']}: {r.get('bpd_estimator')}")
+    sweep = sampler_table(result["rows"])
+    if sweep:
+        lines += ["", "Diffusion models, FD against network calls per sample:", "",
+                  "| model | sampler | network calls | FD | ms / sample |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {how} | {calls} | {fd:.2f} | {ms:.2f} |" for name, how, calls, fd, ms in sweep]
     lines += ["", f"Wall time of the whole comparison: {result['wall_time_s']:.0f} s.", ""]
     return "\n".join(lines)
 
@@ -249,6 +292,17 @@ def render_html(result: dict) -> str:
         parts.append("</div>")
     parts.append("</div>")
 
+    sweep = sampler_png(rows)
+    if sweep:
+        parts.append("<h2>Diffusion: quality against network calls</h2><p class='note'>The same samples count and "
+                     "seed as the table; the first point of each model is the sampler of the table's row.</p>")
+        parts.append(f"<img alt='FD against network calls per sample' src='{_png_b64(sweep)}'>")
+        parts.append("<table id='samplers'><thead><tr><th>model</th><th>sampler</th><th>network calls</th>"
+                     "<th>FD ↓</th><th>ms / sample</th></tr></thead><tbody>")
+        for name, how, calls, fd, ms in sampler_table(rows):
+            parts.append(f"<tr><td>{esc(name)}</td><td>{esc(how)}</td><td>{calls}</td><td>{_fmt(fd, '{:.2f}')}</td>"
+                         f"<td>{_fmt(ms, '{:.2f}')}</td></tr>")
+        parts.append("</tbody></table>")
     curves = curves_png(rows)
     if curves:
         parts.append(f"<h2>Training curves</h2><img alt='training curves' src='{_png_b64(curves)}'>")

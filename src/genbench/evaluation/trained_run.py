@@ -7,6 +7,7 @@ samples.png / reconstructions.png written after `genbench train`.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,6 +40,19 @@ class TrainedRun:
 
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(check_seed(seed))
+
+    def with_sampler(self, name: str | None = None, steps: int | None = None, spacing: str | None = None,
+                     eta: float | None = None) -> TrainedRun:
+        """Sample from now on with the run's sampler changed where an argument is given (diffusion
+        models only; e.g. name="dpm++2m", steps=10)."""
+        if not self.model.has_sampler:
+            self.model.set_sampler(None)  # the model's own error: it has none
+        current = self.model.config.sampler
+        changes = {k: v for k, v in dict(name=name, steps=steps, spacing=spacing, eta=eta).items() if v is not None}
+        if "name" in changes and changes["name"] != current.name and "spacing" not in changes:
+            changes["spacing"] = "default"  # another sampler: its own default grid
+        self.model.set_sampler(replace(current, **changes))
+        return self
 
     def sample(self, n: int, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
         """n samples in batches of `batch_size`; batch i is drawn with seed `seed + i * batch_size`.

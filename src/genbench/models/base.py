@@ -28,6 +28,9 @@ Capabilities, declared as class attributes rather than probed with hasattr
                                 latent diffusion diffuses in (a VQ model's pre-quantization latents,
                                 quantized when decoded; `sample` draws z ~ q(z|x) where the
                                 encoder is stochastic)
+    has_sampler = True          config.sampler (genbench.core.samplers.SamplerConfig) chooses how
+                                sample() solves the reverse diffusion of self.diffusion; set_sampler
+                                changes it for this instance (an evaluation choice: training ignores it)
 
 Exported-model folder (`save_pretrained` / `from_pretrained`, mirrors of each other): config.json
 (format version, model name, config, size and sha256 of the weights) + model.safetensors. A run
@@ -71,6 +74,7 @@ class GenerativeModel(nn.Module):
     stages: tuple[str, ...] = ("main",)
     has_reconstruction: ClassVar[bool] = False
     has_latent_space: ClassVar[bool] = False
+    has_sampler: ClassVar[bool] = False
 
     config: Any
 
@@ -116,6 +120,13 @@ class GenerativeModel(nn.Module):
 
     def encode_latents(self, x: Tensor, sample: bool = False) -> Tensor:
         raise GenbenchError(f"{self.name} has no continuous latent space")
+
+    def set_sampler(self, sampler) -> None:
+        """Draw samples with `sampler` (a SamplerConfig) from now on (models with has_sampler)."""
+        if not self.has_sampler:
+            raise GenbenchError(f"{self.name} has no sampler to choose (the diffusion models have one)")
+        sampler.validate(self.diffusion.num_timesteps)
+        self.config.sampler = sampler
 
     def decode_latents(self, z: Tensor) -> Tensor:
         raise GenbenchError(f"{self.name} has no continuous latent space")

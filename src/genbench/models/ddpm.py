@@ -59,6 +59,7 @@ class DDPMConfig:
 class DDPM(GenerativeModel):
     Config = DDPMConfig
     FAMILY = {"latent": "none: x_T ~ N(0, I) has the image's shape; T-step Gaussian denoising chain"}
+    has_sampler = True
 
     def __init__(self, config: DDPMConfig):
         super().__init__()

@@ -172,6 +172,7 @@ class LDM(GenerativeModel):
     stages = ("first_stage", "diffusion")
     has_reconstruction = True
     has_latent_space = True
+    has_sampler = True
 
     def __init__(self, config: LDMConfig):
         super().__init__()

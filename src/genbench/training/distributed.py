@@ -43,6 +43,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -53,6 +54,7 @@ from genbench.errors import GenbenchError
 from genbench.utils import select_device as _select_local_device
 
 T = TypeVar("T")
+EXIT_GRACE_S = 0.5  # see shutdown()
 
 
 @dataclass(frozen=True)
@@ -125,10 +127,21 @@ def init() -> WorldInfo:
 
 
 def shutdown() -> None:
-    """Leave the process group (called at exit)."""
+    """Leave the process group (called at exit).
+
+    A gloo worker thread destroys each finished collective after the caller has seen it complete;
+    destroying one that held a tensor made in Python needs the GIL. If the main thread is already
+    finalising the interpreter by then, the worker is killed inside a destructor and the process
+    aborts ("terminate called without an active exception": seen under load at the end of
+    tests/training/test_distributed.py, gdb: ProcessGroupGloo::runLoop -> ~AsyncBarrierWork ->
+    ~AsyncAllreduceWork -> decref -> take_gil during Py_FinalizeEx). No API tells when the workers
+    are done, so after the group is destroyed this thread gives up the GIL for a moment (the
+    workers need it for microseconds) before the interpreter shuts down."""
     global _world
     if dist.is_available() and dist.is_initialized():
+        barrier()
         dist.destroy_process_group()
+        time.sleep(EXIT_GRACE_S)
     _world = WorldInfo()
 
 

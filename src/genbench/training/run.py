@@ -111,22 +111,31 @@ def _differences(info, model_name, dataset_spec, shape, preset, sets) -> list[tu
     return diffs
 
 
+SAMPLER_KEYS = "model.sampler."  # how a diffusion model samples: chosen at evaluation, no part of training
+
+
 def _resumable(key: str) -> bool:
-    """train.<field> or train.stages.<stage>.<field> with a field that a resumed run may change."""
+    """train.<field> or train.stages.<stage>.<field> with a field that a resumed run may change, or
+    the sampler (which training does not use)."""
     parts = key.split(".")
-    return parts[0] == "train" and parts[-1] in RESUMABLE_FIELDS and (len(parts) == 2 or parts[1] == "stages")
+    return key.startswith(SAMPLER_KEYS) or (
+        parts[0] == "train" and parts[-1] in RESUMABLE_FIELDS and (len(parts) == 2 or parts[1] == "stages"))
 
 
 def train_run(model_name: str, dataset: ImageDataset, run_dir: str | os.PathLike, preset: str | None = None,
               sets: list[str] | tuple | None = None, resume: bool = False, progress: bool = True,
-              interrupt_at: int | None = None, dataset_spec: DatasetSpec | None = None) -> Path:
+              interrupt_at: int | None = None, dataset_spec: DatasetSpec | None = None,
+              sampler_elsewhere: bool = False) -> Path:
     """Train `model_name` on `dataset` into `run_dir`; export the model.
 
     `run_dir/run.json` records the request (model, dataset spec, preset, --set items), the resolved
     configs, status and costs. A new run takes `preset` (default "quick") and `sets`. An existing
     run is continued (or, when finished, returned as it is) only with `resume=True` and only when it
     is the run of this request (`request_differences`; a None preset or sets mean "as recorded");
-    otherwise a GenbenchError names every difference, before any work. Under torchrun every process
+    otherwise a GenbenchError names every difference, before any work. An unfinished run may take
+    other train steps/lr/grad_clip/log_every/ckpt_every and another sampler (applied and recorded).
+    `sampler_elsewhere`: the caller applies the requested sampler where it samples (the comparison's
+    evaluation), so a finished run whose sampler differs is reused. Under torchrun every process
     calls this; rank 0 alone reads and writes `run_dir` and shares the configs with the others.
     """
     world = distributed.init()
@@ -138,33 +147,40 @@ def train_run(model_name: str, dataset: ImageDataset, run_dir: str | os.PathLike
         check_world(train_cfg, tuple(cls.stages), dataset.train.shape[0], world.world_size)
     lock = distributed.on_main(run.lock, what=f"locking the run folder {run.path}")  # rank 0 owns the folder
     try:
-        return _train_locked(run, cls, model_name, dataset, spec, preset, sets, resume, progress, interrupt_at, world)
+        return _train_locked(run, cls, model_name, dataset, spec, preset, sets, resume, progress, interrupt_at, world,
+                             sampler_elsewhere)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train_locked(run: RunFolder, cls, model_name, dataset, spec, preset, sets, resume, progress, interrupt_at,
-                  world) -> Path:
+                  world, sampler_elsewhere) -> Path:
     def setup() -> dict:
         if run.exists():
             info = run.read_info()
             if not resume:
                 raise GenbenchError(f"{run.path}: already holds a run; pass --resume to continue it or choose another --out")
             diffs = _differences(info, model_name, spec, dataset.shape, preset, sets)
+            if sampler_elsewhere:
+                diffs = [d for d in diffs if not d[0].startswith(SAMPLER_KEYS)]
             running = info["status"] == "running"
             fixed = [d for d in diffs if not (running and _resumable(d[0]))]
             if fixed:
                 listed = "; ".join(f"{k}: {a} here, {b} requested" for k, a, b in fixed)
-                hint = f" (an unfinished run may change only train.{{{', '.join(RESUMABLE_FIELDS)}}})" if running else ""
+                hint = (f" (an unfinished run may change only train.{{{', '.join(RESUMABLE_FIELDS)}}} and the sampler)"
+                        if running else "; a finished run's sampler is chosen when sampling: genbench sample RUN "
+                        "--sampler NAME --steps N" if all(k.startswith(SAMPLER_KEYS) for k, _, _ in fixed) else "")
                 raise GenbenchError(f"{run.path}: holds a run of another request ({listed}); choose another --out{hint}")
             if info["status"] == "complete":
                 return info
             run.clean_interrupted_writes()
             if diffs:  # only what a resumed run may change: applied from here on, and recorded
-                _, requested = resolve_configs(model_name, spec.name, dataset.shape, preset or info.get("preset", "quick"),
-                                               info.get("sets", []) if sets is None else sets)
+                model_cfg, requested = resolve_configs(model_name, spec.name, dataset.shape,
+                                                       preset or info.get("preset", "quick"),
+                                                       info.get("sets", []) if sets is None else sets)
                 info["train_config"] = to_dict(requested)
+                info["model_config"] = to_dict(model_cfg)
                 info.setdefault("changed_on_resume", []).append(
                     {"sets": list(sets or []), "changes": {k: [a, b] for k, a, b in diffs}})
                 run.write_info(info)
