@@ -287,14 +287,14 @@ def test_sample_with_another_sampler(ddpm_run, tmp_path, capsys):
     assert main([*argv, "--sampler", "ddim", "--steps", "3"]) == 0
     b = np.load(tmp_path / "s.npz")["images"]
     assert a.shape == b.shape == (6, 1, 8, 8) and not np.array_equal(a, b)  # the sampler was really changed
-    assert main([*argv]) == 0 and "DDIM, 2 steps" in capsys.readouterr().out  # the run's own, as recorded
+    assert main([*argv]) == 0 and "DPM-Solver++(2M), 2 steps" in capsys.readouterr().out  # the run's own
 
 
 @pytest.mark.parametrize("extra, match", [
     (["--sampler", "euler"], "sampler: name must be one of"),
     (["--sampler", "dpm++2m", "--eta", "1"], "eta applies to DDIM only"),
     (["--steps", "500"], r"sampler: steps \(500\) must be <= diffusion.num_timesteps \(20\)"),
-    (["--spacing", "karras"], "spacing"),
+    (["--spacing", "leading"], "spacing"),  # a DDIM grid, not one of DPM-Solver++'s
 ])
 def test_bad_sampler_choices_are_one_line(ddpm_run, tmp_path, capsys, extra, match):
     assert main(["sample", str(ddpm_run), "-n", "2", "--out", str(tmp_path / "s.png"), *extra]) == 2

@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "process, e.g. 2 on a 2-core machine; 1 trains in this process)")
     p.add_argument("--sampler-sweep", default=None, metavar="SAMPLER:STEPS,...",
                    help="diffusion models: also measure FD with these samplers, for the report's FD against "
-                        "network calls (default: dpm++2m:5,dpm++2m:10,dpm++2m:20,ddim:10,ddim:20; '' for none)")
+                        "network calls (default: dpm++2m:5,dpm++2m:10,dpm++2m:20,ddim:10,ddim:20,ddim:50; '' for none)")
     p.add_argument("--replace", action="store_true",
                    help="a model folder in --out made by another request is moved aside (MODEL.replaced-K) and "
                         "trained anew, instead of an error")

@@ -99,7 +99,7 @@ def test_diffusion_models_are_measured_against_network_calls_and_samplers_apply_
 
     kw = dict(models=["ddpm"], num_samples=100, eval_limit=16, jobs=1, progress=False)
     sweep = [SamplerConfig("dpm++2m", 4), SamplerConfig("ddim", 4), SamplerConfig("heun", 5)]
-    res = run_comparison(DatasetSpec("digits"), tmp_path, sets={"ddpm": DDPM + ["sampler.steps=8"]},
+    res = run_comparison(DatasetSpec("digits"), tmp_path, sets={"ddpm": DDPM + ["sampler.name=ddim", "sampler.steps=8"]},
                          sampler_sweep=sweep, **kw)
     row = res["rows"][2]
     points = row["fd_by_sampler"]
@@ -117,7 +117,8 @@ def test_diffusion_models_are_measured_against_network_calls_and_samplers_apply_
     # another sampler for the finished run: evaluated with it, not retrained
     monkeypatch.setattr(run_mod, "train", lambda *a, **k: pytest.fail("retrained for a sampler"))
     again = run_comparison(DatasetSpec("digits"), tmp_path, sets={"ddpm": DDPM + ["sampler.name=dpm++2m",
-                                                                                 "sampler.steps=4"]},
+                                                                                 "sampler.steps=4",
+                                                                                 "sampler.spacing=default"]},
                            sampler_sweep=[], **kw)
     row2 = again["rows"][2]
     assert row2["sampler"].startswith("DPM-Solver++(2M)") and row2["network_calls_per_sample"] == {"unet": 4}

@@ -127,10 +127,10 @@ def test_row_keys_kinds_and_record(name, rows, runs):
     cls = get_model_class(name)
     assert set(row) == ROW_KEYS | ({"sampler", "fd_by_sampler"} if cls.has_sampler else set())
     if cls.has_sampler:  # without a sweep: the one point of the row's own sampler
-        assert row["fd_by_sampler"] == [{"sampler": "ddim", "spacing": "trailing", "steps": row["network_calls_per_sample"]["unet"],
+        assert row["fd_by_sampler"] == [{"sampler": "dpm++2m", "spacing": "logsnr", "steps": row["network_calls_per_sample"]["unet"],
                                          "network_calls": row["network_calls_per_sample"]["unet"], "fd": row["fd"],
                                          "sample_ms_per_image": row["sample_ms_per_image"]}]
-        assert row["sampler"].startswith("DDIM, ")
+        assert row["sampler"].startswith("DPM-Solver++(2M), ")
     assert {key for key, *_ in COLUMNS} <= set(row)  # every column of the report is filled from the row
     assert row["name"] == name and row["kind"] == "model" and row["run_dir"] == str(runs[name])
     assert row["family"] == cls.FAMILY and row["device"] == "cpu"
@@ -206,9 +206,9 @@ def test_network_calls_follow_the_config(name, rows, runs):
     if name in ("ae", "vae"):
         assert calls == {"decoder": 1}
     elif name == "ddpm":
-        assert cfg["sampler"]["name"] == "ddim" and calls == {"unet": cfg["sampler"]["steps"]} == {"unet": 4}
+        assert cfg["sampler"]["name"] == "dpm++2m" and calls == {"unet": cfg["sampler"]["steps"]} == {"unet": 4}
     elif name == "ldm":
-        assert cfg["sampler"]["name"] == "ddim" and calls == {"unet": 3, "first_stage.decoder": 1}
+        assert cfg["sampler"]["name"] == "dpm++2m" and calls == {"unet": 3, "first_stage.decoder": 1}
     else:
         grid = cfg["image_size"] // cfg["downsample"]
         assert calls == {"prior": grid * grid, "decoder": 1}

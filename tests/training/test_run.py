@@ -151,15 +151,15 @@ def test_the_sampler_is_no_part_of_training(tmp_path, tiny_digits):
     spec = DatasetSpec("digits", limit=256)
     with pytest.raises(Interrupted):
         train_run("ddpm", tiny_digits, tmp_path / "r", sets=DDPM, progress=False, interrupt_at=2, dataset_spec=spec)
-    train_run("ddpm", tiny_digits, tmp_path / "r", sets=DDPM + ["sampler.name=dpm++2m"], resume=True, progress=False,
+    train_run("ddpm", tiny_digits, tmp_path / "r", sets=DDPM + ["sampler.name=heun"], resume=True, progress=False,
               dataset_spec=spec)
     info = RunFolder(tmp_path / "r").read_info()
-    assert info["model_config"]["sampler"]["name"] == "dpm++2m"
-    assert info["changed_on_resume"][0]["changes"] == {"model.sampler.name": ["ddim", "dpm++2m"]}
+    assert info["model_config"]["sampler"]["name"] == "heun"
+    assert info["changed_on_resume"][0]["changes"] == {"model.sampler.name": ["dpm++2m", "heun"]}
     exported = json.loads((tmp_path / "r" / "model" / "config.json").read_text())
-    assert exported["config"]["sampler"]["name"] == "dpm++2m"
+    assert exported["config"]["sampler"]["name"] == "heun"
     with pytest.raises(GenbenchError, match=r"model.sampler.steps: 4 here, 9 requested.*genbench sample RUN --sampler"):
-        train_run("ddpm", tiny_digits, tmp_path / "r", sets=DDPM + ["sampler.name=dpm++2m", "sampler.steps=9"],
+        train_run("ddpm", tiny_digits, tmp_path / "r", sets=DDPM + ["sampler.name=heun", "sampler.steps=9"],
                   resume=True, dataset_spec=spec)
     assert train_run("ddpm", tiny_digits, tmp_path / "r", sets=DDPM + ["sampler.steps=9"], resume=True,
                      dataset_spec=spec, sampler_elsewhere=True) == tmp_path / "r"

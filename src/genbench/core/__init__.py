@@ -4,7 +4,7 @@
   KL, decoder likelihoods, the ELBO and its gap, the IWAE bound, probabilistic PCA;
 - diffusion.py: noise schedules, the forward process q(x_t | x_0), training targets and losses, the
   one map from a network output to (x0, eps), the variational bound;
-- samplers.py: DDPM and DDIM sampling loops over the precomputed coefficients;
+- samplers.py: DDPM, DDIM, DPM-Solver++(2M) and Heun sampling loops over the precomputed coefficients;
 - quantizer.py: vector quantization (nearest code, straight-through, codebook and commitment
   losses, EMA codebook, k-means++ init, dead-code restarts);
 - losses.py: the adversarial (hinge / vanilla) losses, VQ-GAN's adaptive weight, and the LPIPS-style

@@ -39,7 +39,7 @@ from .report import write_reports
 PROTOCOL_VERSION = 1
 # a diffusion model's FD against its network calls per sample, beside the sampler it is evaluated with
 DEFAULT_SAMPLER_SWEEP = (SamplerConfig("dpm++2m", 5), SamplerConfig("dpm++2m", 10), SamplerConfig("dpm++2m", 20),
-                         SamplerConfig("ddim", 10), SamplerConfig("ddim", 20))
+                         SamplerConfig("ddim", 10), SamplerConfig("ddim", 20), SamplerConfig("ddim", 50))
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
                  "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
 

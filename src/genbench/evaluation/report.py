@@ -18,6 +18,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
 from genbench.files import atomic_write_bytes, write_json  # noqa: E402
@@ -125,6 +126,11 @@ def sampler_png(rows: list[dict]) -> bytes | None:
                     color=color, label=f"{r['name']} {name}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    calls = sorted({p["network_calls"] for r in models for p in r["fd_by_sampler"]})
+    ax.set_xticks(calls, [str(c) for c in calls])  # plain numbers: the calls measured
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("network calls per sample")
     ax.set_ylabel("FD ↓")
     ax.legend(fontsize=7)
