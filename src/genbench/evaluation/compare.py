@@ -112,18 +112,18 @@ def run_comparison(
                             "run it without torchrun (torchrun is for `genbench train`)")
     out = Path(out)
     ds = dataset.load()
-    for m in models:  # every model's --set items are valid before any work
-        resolve_configs(m, dataset.name, ds.shape, preset, per_model_sets[m])
+    # every model's --set items are valid before any work; the model configs give the samplers to evaluate with
+    requested = {m: resolve_configs(m, dataset.name, ds.shape, preset, per_model_sets[m])[0] for m in models}
     sweep = DEFAULT_SAMPLER_SWEEP if sampler_sweep is None else tuple(sampler_sweep)
     for sampler in sweep:
         sampler.validate()
     with lock_folder(out, "comparison folder"):
-        return _compare_locked(dataset, ds, out, models, preset, per_model_sets, num_samples, eval_limit, seed, device,
-                               jobs, progress, replace, sweep)
+        return _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested, num_samples, eval_limit,
+                               seed, device, jobs, progress, replace, sweep)
 
 
-def _compare_locked(dataset, ds, out, models, preset, per_model_sets, num_samples, eval_limit, seed, device, jobs,
-                    progress, replace, sampler_sweep) -> dict:
+def _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested, num_samples, eval_limit, seed, device,
+                    jobs, progress, replace, sampler_sweep) -> dict:
     eval_limit = eval_limit or min(len(ds.test), 2000)
     t0 = time.perf_counter()
     for m in models:  # before any work: a folder made by another request is never reused silently
@@ -152,9 +152,8 @@ def _compare_locked(dataset, ds, out, models, preset, per_model_sets, num_sample
         train_run(m, ds, run_dir, preset=preset, sets=per_model_sets[m], resume=True, progress=progress,
                   dataset_spec=dataset, sampler_elsewhere=True)
         print(f"[compare] {m}: evaluate", flush=True)
-        requested, _ = resolve_configs(m, dataset.name, ds.shape, preset, per_model_sets[m])
         has_sampler = get_model_class(m).has_sampler
-        rows.append(ctx.evaluate_run(run_dir, device=device, sampler=requested.sampler if has_sampler else None,
+        rows.append(ctx.evaluate_run(run_dir, device=device, sampler=requested[m].sampler if has_sampler else None,
                                      sweep=list(sampler_sweep) if has_sampler else []))
     result = {
         "protocol_version": PROTOCOL_VERSION,

@@ -121,15 +121,15 @@ class GenerativeModel(nn.Module):
     def encode_latents(self, x: Tensor, sample: bool = False) -> Tensor:
         raise GenbenchError(f"{self.name} has no continuous latent space")
 
+    def decode_latents(self, z: Tensor) -> Tensor:
+        raise GenbenchError(f"{self.name} has no continuous latent space")
+
     def set_sampler(self, sampler) -> None:
         """Draw samples with `sampler` (a SamplerConfig) from now on (models with has_sampler)."""
         if not self.has_sampler:
             raise GenbenchError(f"{self.name} has no sampler to choose (the diffusion models have one)")
         sampler.validate(self.diffusion.num_timesteps)
         self.config.sampler = sampler
-
-    def decode_latents(self, z: Tensor) -> Tensor:
-        raise GenbenchError(f"{self.name} has no continuous latent space")
 
     # ---- the exported-model folder
 

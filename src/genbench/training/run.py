@@ -91,24 +91,31 @@ def request_differences(info: dict, model_name: str, dataset_spec: DatasetSpec, 
     item per difference. The model and the dataset are always compared; the configs only when the
     request names a preset or --set items (None: "as recorded"): resolved, so the order of the items
     does not matter, and a preset changed in the code since the run started shows as a difference."""
-    return [f"{k}: {a} here, {b} requested" for k, a, b in _differences(info, model_name, dataset_spec, shape, preset, sets)]
+    diffs, _ = _differences(info, model_name, dataset_spec, shape, preset, sets)
+    return [_describe(d) for d in diffs]
 
 
-def _differences(info, model_name, dataset_spec, shape, preset, sets) -> list[tuple[str, Any, Any]]:
+def _describe(diff: tuple[str, Any, Any]) -> str:
+    return f"{diff[0]}: {diff[1]} here, {diff[2]} requested"
+
+
+def _differences(info, model_name, dataset_spec, shape, preset, sets) -> tuple[list[tuple[str, Any, Any]], dict | None]:
+    """(differences as (key, recorded, requested), the requested {"model", "train"} configs as JSON,
+    or None when the configs were not compared)."""
     if info["model"] != model_name:
-        return [("model", info["model"], model_name)]
+        return [("model", info["model"], model_name)], None
     here = _flat(DatasetSpec.from_dict(info.get("dataset", {}), where="the run's recorded dataset").to_dict(), "dataset.")
     wanted = _flat(dataset_spec.to_dict(), "dataset.")
     diffs = [(k, here[k], wanted[k]) for k in here if here[k] != wanted[k]]
     if preset is None and sets is None:
-        return diffs
+        return diffs, None
     model_cfg, train_cfg = resolve_configs(model_name, dataset_spec.name, shape, preset or info.get("preset", "quick"),
                                            info.get("sets", []) if sets is None else sets)
-    for section, recorded, requested in (("model", info["model_config"], to_dict(model_cfg)),
-                                         ("train", info["train_config"], to_dict(train_cfg))):
-        here, wanted = _flat(recorded, f"{section}."), _flat(requested, f"{section}.")
+    requested = {"model": to_dict(model_cfg), "train": to_dict(train_cfg)}
+    for section in ("model", "train"):
+        here, wanted = _flat(info[f"{section}_config"], f"{section}."), _flat(requested[section], f"{section}.")
         diffs += [(k, here.get(k), wanted.get(k)) for k in sorted(set(here) | set(wanted)) if here.get(k) != wanted.get(k)]
-    return diffs
+    return diffs, requested
 
 
 SAMPLER_KEYS = "model.sampler."  # how a diffusion model samples: chosen at evaluation, no part of training
@@ -161,26 +168,25 @@ def _train_locked(run: RunFolder, cls, model_name, dataset, spec, preset, sets, 
             info = run.read_info()
             if not resume:
                 raise GenbenchError(f"{run.path}: already holds a run; pass --resume to continue it or choose another --out")
-            diffs = _differences(info, model_name, spec, dataset.shape, preset, sets)
+            diffs, requested = _differences(info, model_name, spec, dataset.shape, preset, sets)
             if sampler_elsewhere:
                 diffs = [d for d in diffs if not d[0].startswith(SAMPLER_KEYS)]
             running = info["status"] == "running"
             fixed = [d for d in diffs if not (running and _resumable(d[0]))]
             if fixed:
-                listed = "; ".join(f"{k}: {a} here, {b} requested" for k, a, b in fixed)
-                hint = (f" (an unfinished run may change only train.{{{', '.join(RESUMABLE_FIELDS)}}} and the sampler)"
-                        if running else "; a finished run's sampler is chosen when sampling: genbench sample RUN "
-                        "--sampler NAME --steps N" if all(k.startswith(SAMPLER_KEYS) for k, _, _ in fixed) else "")
-                raise GenbenchError(f"{run.path}: holds a run of another request ({listed}); choose another --out{hint}")
+                if running:
+                    hint = f" (an unfinished run may change only train.{{{', '.join(RESUMABLE_FIELDS)}}} and the sampler)"
+                elif all(k.startswith(SAMPLER_KEYS) for k, _, _ in fixed):
+                    hint = "; a finished run's sampler is chosen when sampling: genbench sample RUN --sampler NAME --steps N"
+                else:
+                    hint = ""
+                raise GenbenchError(f"{run.path}: holds a run of another request "
+                                    f"({'; '.join(map(_describe, fixed))}); choose another --out{hint}")
             if info["status"] == "complete":
                 return info
             run.clean_interrupted_writes()
             if diffs:  # only what a resumed run may change: applied from here on, and recorded
-                model_cfg, requested = resolve_configs(model_name, spec.name, dataset.shape,
-                                                       preset or info.get("preset", "quick"),
-                                                       info.get("sets", []) if sets is None else sets)
-                info["train_config"] = to_dict(requested)
-                info["model_config"] = to_dict(model_cfg)
+                info["model_config"], info["train_config"] = requested["model"], requested["train"]
                 info.setdefault("changed_on_resume", []).append(
                     {"sets": list(sets or []), "changes": {k: [a, b] for k, a, b in diffs}})
                 run.write_info(info)
