@@ -3,7 +3,7 @@
     python benchmarks/bench_ldm_vs_ddpm.py [--preset standard] [--steps 100] [--samples 100] [--threads N]
                                           [--device cpu|cuda]
 
-Builds the preset's pixel DDPM and LDM (VQ-VAE first stage) at the dataset's image size (standard:
+Builds the preset's pixel DDPM and LDM (with the preset's first stage) at the dataset's image size (standard:
 Fashion-MNIST 1x28x28; quick: digits 1x8x8) and times, interleaved in the same process so both see the
 same machine:
 

@@ -51,8 +51,7 @@ SETS = {
     "ddpm": ["unet.base_channels=8", "unet.channel_mult=[1,2]", "unet.num_res_blocks=1", "unet.attention_levels=[]",
              "unet.num_heads=1", "unet.dropout=0.0", "diffusion.num_timesteps=20", "sampler.steps=4",
              "bpd_timesteps=3", "bpd_images=16", "train.steps=8", "train.ema_decay=0", *_LOG],
-    "ldm": ['vqvae={"downsample": 2, "width": 16, "n_res_blocks": 1, "codebook_size": 16, "code_dim": 4, '
-            '"init_images": 64, "dead_code_steps": 3}',
+    "ldm": ['first_stage=vae', 'vae={"arch": "mlp", "latent_dim": 16, "width": 32, "beta": 0.01}',
             'unet={"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [], '
             '"num_heads": 1, "dropout": 0.0}',
             'diffusion={"num_timesteps": 20, "schedule": "linear", "beta_start": 1e-3, "beta_end": 0.5}',

@@ -5,14 +5,17 @@ run on the compact latents of a pretrained autoencoder instead of on pixels. Two
 the other by the shared trainer (each checkpointed and resumable):
 
 1. "first_stage": an autoencoder E, D, one of genbench's own models (`first_stage`):
-   - "vqvae" / "vqgan" (the VQ-regularized variant, Rombach sec. 3.1): the diffusion runs on the
-     continuous pre-quantization latents z = E(x) (B, code_dim, S/f, S/f); a sampled z is quantized
-     by the codebook only when decoded, x = D(q(z)) (Rombach sec. 3.1: a VQGAN "with the
-     quantization layer absorbed by the decoder"): the VQ model's encode_latents / decode_latents;
-   - "vae" (the KL-regularized variant, with a small beta): z ~ q(z|x) while training, the posterior
-     mean when encoding. genbench's VAE has a vector latent (D,); it is laid out as a (D/k^2, k, k)
-     grid with k the largest of 4, 3, 2, 1 such that k^2 divides D. The grid is only a layout: the
-     U-Net's downsampling and attention mix all entries.
+   - "vae" (the KL-regularized variant, Rombach sec. 3.1, with a small beta; the presets' choice):
+     z ~ q(z|x) while training, the posterior mean when encoding. With arch "grid" the latent is a
+     (latent_channels, S/f, S/f) Gaussian grid, as in the paper; an MLP/conv VAE's vector latent (D,) is
+     laid out as a (D/k^2, k, k) grid with k the largest of 4, 3, 2, 1 such that k^2 divides D (only a
+     layout: the U-Net's downsampling and attention mix all entries);
+   - "vqvae" / "vqgan" (the VQ-regularized variant): the diffusion runs on the continuous
+     pre-quantization latents z = E(x) (B, code_dim, S/f, S/f); a sampled z is quantized by the
+     codebook only when decoded, x = D(q(z)) (Rombach sec. 3.1: a VQGAN "with the quantization layer
+     absorbed by the decoder"), or decoded as it is with decode_quantized=false.
+   Measured here (docs/benchmarks.md), a VQ encoder's pre-quantization latents cluster around the
+   codes and are much harder to diffuse than the VAE's Gaussian latents at the same diffusion recipe.
    The first stage is either trained here (that model's own first stage, "autoencoder" for VQ
    models, with its own loss, optimizer groups and prepare_stage; a VQ model's transformer prior is
    not built: the diffusion model is the prior), or loaded from a finished run folder:
@@ -29,13 +32,17 @@ the other by the shared trainer (each checkpointed and resumable):
    over the encoded training set (Rombach sec. 4.3.2 estimate it on the first batch; here on up to
    `scale_images` random training images), makes the diffusion's data s * z unit-variance, matching
    the N(0, I) end of the forward process. s is kept in the buffer `latent_scale` (checkpointed)
-   and, after training, in the exported config's `scale_factor`. The U-Net eps_theta(s z_t, t) is
-   trained with L_simple (Ho et al. 2020 eq. 14). Each batch is encoded on the fly: caching the
+   and, after training, in the exported config's `scale_factor`. The U-Net is trained on s z with
+   the configured target and weighting (genbench.core.diffusion; the presets: v-prediction under the
+   cosine schedule, Salimans & Ho 2022). Each batch is encoded on the fly: caching the
    latents would need indices of the trainer's batches, and the encoder pass is part of the honest
    training cost of an LDM.
 
 Sampling: z_T ~ N(0, I) of the latent shape -> the configured sampler (genbench.core.samplers) in
 latent space, with no x0 clipping (latents are unbounded, unlike [-1, 1] pixels) -> z / s -> (quantize) -> decoder -> [0, 1].
+Without clipping, eps-prediction's x0 estimate x_t / sqrt(abar) - sqrt(1/abar - 1) eps_hat multiplies
+the network's error by up to 1/sqrt(abar_T) (2e4 for the cosine schedule at T = 1000); v-prediction
+has no such factor, which is why the presets use it.
 
 Likelihood: not reported (bits_per_dim is None). The diffusion bound here is a bound on a density of
 continuous, rescaled latents, not a probability of 8-bit pixels, and the VQ decoder is deterministic;
@@ -65,12 +72,6 @@ from .base import (GenerativeModel, eval_mode, get_model_class, load_state, pret
 
 UNUSED_SUBMODULES = ("prior",)  # a VQ model's autoregressive prior: the diffusion model replaces it
 
-# Largest sqrt(1 / alpha_bar_T) accepted with eps-prediction. The x0 estimate
-# x0 = x_t / sqrt(abar) - sqrt(1/abar - 1) eps_hat multiplies the network's error by ~1/sqrt(abar_T)
-# at the first sampling step. Pixel DDPM clips x0 to [-1, 1]; unbounded latents cannot be clipped, and
-# with the cosine schedule (abar_T = 2.4e-9 at T = 1000, gain 2e4) the samples of a trained LDM
-# diverged to std ~3500. The linear schedule's gain is 152.
-MAX_X0_GAIN = 1000.0
 
 
 @dataclass
@@ -86,6 +87,9 @@ class LDMConfig:
     first_stage_run: str | None = None  # a finished run folder of `first_stage` to load instead of training one
     scale_factor: float | None = None  # None: measure 1/std of the encoded training set (then stored here)
     scale_images: int = 10_000  # training images encoded to measure the scale factor
+    # VQ first stages: snap latents (sampled or encoded) to their nearest codes before decoding (Rombach
+    # sec. 3.1); false decodes them as they are
+    decode_quantized: bool = True
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(channel_mult=(1, 2), attention_levels=(1,)))
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -102,13 +106,6 @@ class LDMConfig:
             self.sampler.validate(self.diffusion.num_timesteps)
         except GenbenchError as e:
             raise GenbenchError(f"ldm config: {e}") from None
-        gain = float(GaussianDiffusion(self.diffusion).sqrt_recip_alphas_cumprod[-1])
-        if self.diffusion.prediction == "eps" and gain > MAX_X0_GAIN:
-            raise GenbenchError(
-                f"ldm config: with eps-prediction this schedule's first sampling step amplifies the network's "
-                f"error by 1/sqrt(alpha_bar_T) = {gain:.3g} (> {MAX_X0_GAIN:g}), and latents are not clipped "
-                "like pixels; use diffusion.schedule=linear or diffusion.prediction=v"
-            )
         if self.first_stage_run is not None:
             self.run_first_stage_config()  # the run exists, holds the right kind, fits the images
         else:
@@ -167,8 +164,8 @@ def vector_grid(dim: int) -> tuple[int, int, int]:
 @register("ldm")
 class LDM(GenerativeModel):
     Config = LDMConfig
-    FAMILY = {"latent": "continuous latent grid of a frozen autoencoder (VQ pre-quantization or VAE), "
-                        "scaled to unit std; T-step Gaussian denoising chain there, decoded once"}
+    FAMILY = {"latent": "continuous latent grid of a frozen autoencoder (a KL-regularised VAE, or VQ "
+                        "pre-quantization), scaled to unit std; T-step Gaussian denoising chain there, decoded once"}
     stages = ("first_stage", "diffusion")
     has_reconstruction = True
     has_latent_space = True
@@ -224,6 +221,8 @@ class LDM(GenerativeModel):
         nearest codes, then the decoder, exactly their own reconstruction path)."""
         if self.first_stage_latent_ndim == 1:
             z = rearrange(z, "b c h w -> b (c h w)")
+        if self.config.first_stage in ("vqvae", "vqgan") and not self.config.decode_quantized:
+            return self.first_stage.decode_latents(z, quantize=False)
         return self.first_stage.decode_latents(z)
 
     def _require_scale(self) -> None:

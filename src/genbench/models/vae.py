@@ -1,7 +1,13 @@
 """Variational Auto-Encoder (Kingma & Welling 2014).
 
 Encoder q(z|x) = N(mu(x), diag sigma^2(x)) (it outputs mean and log-variance), prior p(z) = N(0, I),
-decoder p(x|z) one of:
+Encoder and decoder (`arch`): an MLP or a small conv net with a vector latent z in R^latent_dim, or
+"grid": the VQ models' convolutional GridEncoder/GridDecoder with a spatial latent z of shape
+(latent_channels, S/f, S/f), the KL-regularised first stage of latent diffusion (Rombach et al. 2022
+sec. 3.1, "KL-reg."): every entry of the grid is an independent Gaussian, so the prior, KL and bounds
+below are unchanged (they sum over all latent entries); `latent_dim` is unused there.
+
+Decoder p(x|z) one of:
 - "discretized_gaussian" (default): a Gaussian over each pixel integrated over its 8-bit bin, a
   proper probability mass on the 256 pixel values, so the ELBO and IWAE bound are bounds on the
   log-likelihood of the 8-bit test images, comparable with DDPM's bound (same decoder as Ho et al.
@@ -39,7 +45,7 @@ from ..core.gaussian import (
     sum_except_batch,
 )
 from ..errors import GenbenchError
-from ..nets.autoencoders import make_decoder, make_encoder
+from ..nets.autoencoders import GridDecoder, GridEncoder, make_decoder, make_encoder
 from .base import GenerativeModel, register
 
 
@@ -48,8 +54,12 @@ class VAEConfig:
     image_channels: int = 1
     image_size: int = 8
     latent_dim: int = 16
-    arch: Literal["mlp", "conv"] = "conv"
-    width: int = 32
+    arch: Literal["mlp", "conv", "grid"] = "conv"
+    width: int = 32  # hidden width (mlp); base conv channels (conv); channels at the latent grid (grid)
+    # grid arch only: the latent is (latent_channels, S/f, S/f) with f = downsample (latent_dim is derived)
+    downsample: int = 2
+    latent_channels: int = 4
+    n_res_blocks: int = 1
     likelihood: Literal["discretized_gaussian", "gaussian", "bernoulli"] = "discretized_gaussian"
     learn_variance: bool = True  # Gaussian decoders: one learned log-variance per channel, else obs_std
     obs_std: float = 0.1
@@ -62,21 +72,44 @@ class VAEConfig:
             raise GenbenchError(f"vae config: obs_std must be > 0, got {self.obs_std}")
         if self.beta < 0:
             raise GenbenchError(f"vae config: beta must be >= 0, got {self.beta}")
+        if self.arch not in ("mlp", "conv", "grid"):
+            raise GenbenchError(f"vae config: arch must be 'mlp', 'conv' or 'grid', got {self.arch!r}")
+        if self.arch == "grid":
+            check_at_least(self, "vae config", 1, "downsample", "latent_channels")
+            check_at_least(self, "vae config", 0, "n_res_blocks")
+            if self.downsample & (self.downsample - 1):
+                raise GenbenchError(f"vae config: downsample must be a power of 2, got {self.downsample}")
+            if self.image_size % self.downsample:
+                raise GenbenchError(
+                    f"vae config: image_size {self.image_size} is not divisible by downsample {self.downsample}")
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one latent: (latent_dim,), or (latent_channels, S/f, S/f) for the grid arch."""
+        if self.arch == "grid":
+            side = self.image_size // self.downsample
+            return (self.latent_channels, side, side)
+        return (self.latent_dim,)
 
 
 @register("vae")
 class VAE(GenerativeModel):
     Config = VAEConfig
-    FAMILY = {"latent": "continuous vector, Gaussian posterior q(z|x), prior N(0, I)"}
+    FAMILY = {"latent": "continuous vector (or spatial grid), Gaussian posterior q(z|x), prior N(0, I)"}
     has_reconstruction = True
     has_latent_space = True
 
     def __init__(self, config: VAEConfig):
         super().__init__()
+        config.validate()
         self.config = config
         c = config
-        self.encoder = make_encoder(c.arch, c.image_channels, c.image_size, 2 * c.latent_dim, c.width)
-        self.decoder = make_decoder(c.arch, c.latent_dim, c.image_channels, c.image_size, c.width)
+        if c.arch == "grid":
+            self.encoder = GridEncoder(c.image_channels, c.width, 2 * c.latent_channels, c.downsample, c.n_res_blocks)
+            self.decoder = GridDecoder(c.latent_channels, c.width, c.image_channels, c.downsample, c.n_res_blocks)
+        else:
+            self.encoder = make_encoder(c.arch, c.image_channels, c.image_size, 2 * c.latent_dim, c.width)
+            self.decoder = make_decoder(c.arch, c.latent_dim, c.image_channels, c.image_size, c.width)
         init = 2 * math.log(c.obs_std)
         self.decoder_log_var = nn.Parameter(torch.full((c.image_channels, 1, 1), init),
                                             requires_grad=c.learn_variance and c.likelihood != "bernoulli")
@@ -84,7 +117,7 @@ class VAE(GenerativeModel):
     # ---- the probabilistic pieces
 
     def posterior(self, x):
-        """q(z|x): (mean, log_var), each (B, latent_dim)."""
+        """q(z|x): (mean, log_var), each (B, *latent_shape)."""
         # back to the input precision: under bf16 autocast the likelihood math stays in fp32
         mean, log_var = self.encoder(x).to(x.dtype).chunk(2, dim=1)
         return mean, log_var.clamp(-30.0, 20.0)
@@ -131,7 +164,7 @@ class VAE(GenerativeModel):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None):
         device = self.decoder_log_var.device
-        z = torch.randn(n, self.config.latent_dim, generator=generator, device=device)
+        z = torch.randn(n, *self.config.latent_shape, generator=generator, device=device)
         return self.decode(z)
 
     @torch.no_grad()
@@ -144,7 +177,7 @@ class VAE(GenerativeModel):
         for _ in range(k):
             z = reparameterize(mean, log_var, generator=generator)
             log_p_xz = self.decoder_log_likelihood(x, z) + sum_except_batch(standard_normal_log_prob(z))
-            log_q = diag_normal_log_prob(z, mean, log_var)
+            log_q = diag_normal_log_prob(z, mean, log_var, event_dims=z.ndim - 1)
             log_w.append(log_p_xz - log_q)
         log_w = torch.stack(log_w)  # (K, B)
         return log_w.mean(0), iwae_log_likelihood(log_w, torch.zeros_like(log_w))

@@ -155,9 +155,12 @@ class VQVAE(GenerativeModel):
         """The continuous pre-quantization latents z_e = E(x), (B, code_dim, S/f, S/f)."""
         return self.encoder(x)
 
-    def decode_latents(self, z: Tensor) -> Tensor:
+    def decode_latents(self, z: Tensor, quantize: bool = True) -> Tensor:
         """Images from continuous latents: each vector is replaced by its nearest code, then decoded
-        (what a reconstruction does after the encoder; Rombach et al. 2022 sec. 3.1)."""
+        (what a reconstruction does after the encoder; Rombach et al. 2022 sec. 3.1); with
+        quantize=False the decoder reads z as it is (it was trained only on codes)."""
+        if not quantize:
+            return self.decoder(z).float().clamp(0, 1)
         return self.decode_indices(self.quantizer.lookup(z))
 
     # ------------------------------------------------------------------ training
