@@ -81,9 +81,14 @@ def test_reconstruct_writes_the_grid_and_the_true_mse(vae_run, tmp_path, capsys)
     (["train", "vae", "--dataset", "digits", "--preset", "huge"], "unknown preset 'huge'"),
     (["train", "vae", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "fashion-mnist"),
     (["sample", "/nonexistent/run", "--out", "x.png"], "run folder not found"),
+    (["train", "vae", "--dataset", "digits", "--fd-every", "-1"], "fd_every must be >= 0"),
+    (["train", "vae", "--dataset", "digits", "--fd-samples", "1"], "--fd-samples must be >= 2"),
+    (["compare", "--dataset", "digits", "--budget", "lots"], "--budget 'lots': expected training FLOPs"),
+    (["compare", "--dataset", "digits", "--budget", "0"], "must be a positive, finite number"),
+    (["compare", "--dataset", "digits", "--fd-points", "-1"], "fd_points must be >= 0"),
 ])
 def test_errors_are_one_line_exit_2(argv, match, tmp_path, capsys):
-    argv = [*argv, "--out", str(tmp_path / "o")] if argv[0] == "train" else argv
+    argv = [*argv, "--out", str(tmp_path / "o")] if argv[0] in ("train", "compare") else argv
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("genbench: error:") and len(err.splitlines()) == 1
@@ -305,3 +310,14 @@ def test_bad_sampler_choices_are_one_line(ddpm_run, tmp_path, capsys, extra, mat
 def test_a_model_without_a_sampler_says_so(vae_run, tmp_path, capsys):
     assert main(["sample", str(vae_run), "-n", "2", "--out", str(tmp_path / "s.png"), "--steps", "10"]) == 2
     _one_line_error(capsys, "vae has no sampler to choose")
+
+
+def test_train_with_fd_every_logs_fd_against_compute(tmp_path):
+    out = tmp_path / "r"
+    assert main(["train", "ae", "--dataset", "digits", "--limit", "128", "--out", str(out), "--no-progress",
+                 "--no-images", "--set", "arch=mlp", "--set", "train.steps=6", "--set", "train.batch_size=16",
+                 "--fd-every", "3", "--fd-samples", "40"]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    probes = [r for r in records if "fd" in r]
+    assert [r["step"] for r in probes] == [3, 6] and all(r["fd_samples"] == 40 and r["fd"] > 0 for r in probes)
+    assert probes[1]["train_flops"] == 2 * probes[0]["train_flops"] > 0

@@ -63,12 +63,20 @@ def cmd_train(args) -> int:
 
     get_model_class(args.model)  # unknown model or seed: fail before loading data
     check_seed(args.seed)
+    if args.fd_samples < 2:
+        raise GenbenchError(f"--fd-samples must be >= 2, got {args.fd_samples}")
+    if args.fd_every is not None:
+        args.set = [*(args.set or []), f"train.fd_every={args.fd_every}"]
     spec = _dataset_spec(args)
     ds = spec.load()
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
     t0 = time.perf_counter()
+    from .evaluation.probe import FDProbe
+
+    # the probe runs only where train.fd_every > 0 (--fd-every N, or genbench compare's own --set)
+    probe = FDProbe(ds, num_samples=args.fd_samples)
     train_run(args.model, ds, out, preset=args.preset, sets=args.set, resume=args.resume,
-              progress=not args.no_progress, dataset_spec=spec)
+              progress=not args.no_progress, dataset_spec=spec, probe=probe)
     if not distributed.is_main_process():
         return 0
     if not args.no_images:
@@ -132,9 +140,25 @@ def cmd_compare(args) -> int:
                             sets=split_model_sets(args.set), num_samples=args.num_samples,
                             eval_limit=args.eval_limit, seed=args.seed, device=args.device, jobs=args.jobs,
                             progress=not args.no_progress, replace=args.replace,
-                            sampler_sweep=None if args.sampler_sweep is None else parse_sampler_sweep(args.sampler_sweep))
+                            sampler_sweep=None if args.sampler_sweep is None else parse_sampler_sweep(args.sampler_sweep),
+                            budget=_budget(args.budget), fd_points=args.fd_points)
     print(f"[compare] done in {result['wall_time_s']:.0f}s; report: {result['reports']['html']}")
     return 0
+
+
+def _budget(text: str | None) -> float | None:
+    """--budget: training FLOPs per model, e.g. 2e12 or 2T (k, M, G, T, P suffixes)."""
+    if text is None:
+        return None
+    units = {"k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
+    scale = units.get(text[-1:], 1.0)
+    try:
+        value = float(text[:-1] if text[-1:] in units else text) * scale
+    except ValueError:
+        raise GenbenchError(f"--budget {text!r}: expected training FLOPs per model, e.g. 2e12 or 2T") from None
+    if not value > 0 or value == float("inf"):
+        raise GenbenchError(f"--budget {text!r}: must be a positive, finite number of FLOPs")
+    return value
 
 
 def cmd_features_train(args) -> int:
@@ -169,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample grid written after training")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-images", action="store_true", help="skip samples.png / reconstructions.png after training")
+    p.add_argument("--fd-every", type=int, default=None, metavar="N",
+                   help="log the FD of --fd-samples samples every N steps of the last stage, with the training "
+                        "compute spent (= --set train.fd_every=N; default off)")
+    p.add_argument("--fd-samples", type=int, default=500, help="samples per FD probe (default 500)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="draw samples from a trained run")
@@ -221,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace", action="store_true",
                    help="a model folder in --out made by another request is moved aside (MODEL.replaced-K) and "
                         "trained anew, instead of an error")
+    p.add_argument("--budget", default=None, metavar="FLOPS",
+                   help="equal compute: every model trains this many FLOPs (all stages), its preset's steps scaled "
+                        "by one factor, e.g. --budget 2T (deterministic: FLOPs are counted, not timed)")
+    p.add_argument("--fd-points", type=int, default=8,
+                   help="FD probes during each model's last stage, for the report's FD against training "
+                        "compute (default 8; 0: none)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
 

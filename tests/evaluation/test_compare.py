@@ -31,8 +31,27 @@ def test_the_result_is_returned_and_written(result):
     on_disk = json.loads((out / "metrics.json").read_text())
     assert [r["fd"] for r in on_disk["rows"]] == [r["fd"] for r in res["rows"]]
     assert set(res["reports"]) == {"json", "md", "html"} and all(open(p) for p in res["reports"].values())
-    for m in ("ae", "vqvae"):
-        assert json.loads((out / m / "run.json").read_text())["sets"] == SETS[m]
+    # the request's items, then the FD probes' interval compare adds: about 8 over the last stage
+    for m, every in (("ae", 3), ("vqvae", 2)):
+        assert json.loads((out / m / "run.json").read_text())["sets"] == SETS[m] + [f"train.fd_every={every}"]
+
+
+def test_every_model_logs_fd_against_training_compute(result):
+    """FD probes in the last stage only (VQ-VAE: its prior), at the steps fd_every gives and the last,
+    with training FLOPs counted per step kind (the prior's points include the autoencoder's FLOPs)
+    and CPU seconds increasing; the row's totals close the curve."""
+    rows = {r["name"]: r for r in result[1]["rows"]}
+    ae, vq = rows["ae"]["quality_curve"], rows["vqvae"]["quality_curve"]
+    assert ae["global_step"] == [3, 6, 9, 12, 15, 18, 20]
+    assert vq["global_step"] == [22, 24, 26, 28, 30]  # prior steps 2..10 after 20 autoencoder steps
+    for row, curve in ((rows["ae"], ae), (rows["vqvae"], vq)):
+        assert all(f > 0 for f in curve["fd"])
+        assert curve["train_flops"] == sorted(curve["train_flops"]) and curve["train_flops"][-1] == row["train_flops"]
+        assert curve["train_cpu_s"] == sorted(curve["train_cpu_s"]) and curve["train_cpu_s"][-1] <= row["train_cpu_time_s"] + 1e-3
+    # equal FLOPs per step within a stage: the AE's curve is linear in its steps
+    per_step = ae["train_flops"][0] / 3
+    assert ae["train_flops"] == [round(per_step * s) for s in ae["global_step"]]
+    assert vq["train_flops"][0] > 20 * (vq["train_flops"][1] - vq["train_flops"][0]) / 2  # the autoencoder's share
 
 
 def test_every_model_with_a_latent_space_shows_interpolations(result):

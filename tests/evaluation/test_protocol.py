@@ -69,7 +69,7 @@ ROW_KEYS = {
     "class_entropy", "class_coverage", "class_histogram", "memorization_ratio", "memorization_fraction_closer",
     "network_calls_per_sample", "mse", "psnr", "ssim", "recon_fd", "bits_per_dim", "bpd_estimator", "model_eval",
     "parameters", "train_wall_time_s", "train_images_per_s", "peak_memory_mb", "sample_ms_per_image", "device",
-    "curves", "stability", "images_png", "family",
+    "curves", "stability", "images_png", "family", "train_cpu_time_s", "train_flops", "quality_curve",
 }
 SAMPLE_KEYS = ["fd", "kid", "kid_std", "precision", "recall", "density", "coverage", "class_entropy",
                "class_coverage", "class_histogram", "memorization_ratio", "memorization_fraction_closer"]

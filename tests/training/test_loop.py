@@ -245,7 +245,9 @@ def test_bf16_autocast_runs_the_forward_in_bf16_and_is_recorded(tmp_path, tiny_d
         assert [r["step"] for r in records] == list(range(1, 7))
     monkeypatch.undo()
 
-    per_run = 6 * 6  # 6 steps x (3 encoder + 3 decoder layers)
+    # (6 steps + the one step whose FLOPs are counted, genbench.training.flops, with the same autocast)
+    # x (3 encoder + 3 decoder layers)
+    per_run = 7 * 6
     assert runs["fp32"][0] == [torch.float32] * per_run and runs["fp32"][2] is False
     assert runs["bf16"][0] == [torch.bfloat16] * per_run and runs["bf16"][2] is True
     assert runs["no_native"][0] == [torch.float32] * per_run and runs["no_native"][2] is False

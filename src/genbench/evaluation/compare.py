@@ -27,16 +27,19 @@ from genbench.data import DatasetSpec
 from genbench.errors import GenbenchError
 from genbench.models.base import available_models, get_model_class
 from genbench.models.presets import TRAIN_COST_RANK
+from genbench.training.budget import plan_budget
 from genbench.training.run import SAMPLER_KEYS, request_differences, resolve_configs, total_steps, train_run
 from genbench.training.run_folder import RunFolder, lock_folder
 from genbench.training.distributed import env_world
 from genbench.utils import check_seed, default_threads, select_device
 
 from .features import get_feature_network
+from .probe import FDProbe
 from .protocol import EvalContext
 from .report import write_reports
 
 PROTOCOL_VERSION = 1
+DEFAULT_FD_POINTS = 8  # FD probes over each model's last stage (quality against training compute)
 # a diffusion model's FD against its network calls per sample, beside the sampler it is evaluated with
 DEFAULT_SAMPLER_SWEEP = (SamplerConfig("dpm++2m", 5), SamplerConfig("dpm++2m", 10), SamplerConfig("dpm++2m", 20),
                          SamplerConfig("ddim", 10), SamplerConfig("ddim", 20), SamplerConfig("ddim", 50))
@@ -70,6 +73,8 @@ def run_comparison(
     progress: bool = True,
     replace: bool = False,
     sampler_sweep: Sequence[SamplerConfig] | None = None,
+    budget: float | None = None,
+    fd_points: int = DEFAULT_FD_POINTS,
 ) -> dict:
     """Train (or reuse) `models` (default: all) on `dataset` into `out/<model>/`, evaluate each by the
     same protocol, write `out/metrics.json`, `report.md` and `report.html`, and return the result
@@ -88,7 +93,13 @@ def run_comparison(
     Diffusion models are evaluated with the sampler the request names (`--set ddpm:sampler.steps=10`
     applies to a finished run too: sampling is no part of training), and, for the report's FD
     against network calls, under each sampler of `sampler_sweep` (default DEFAULT_SAMPLER_SWEEP;
-    empty: none)."""
+    empty: none).
+
+    Quality against compute: every model logs the FD of a few samples (genbench.evaluation.probe) at
+    `fd_points` points of its last stage, with the training FLOPs and seconds spent so far (0: off);
+    the report draws FD against training compute. `budget`: every model gets this many training
+    FLOPs (all stages together): its preset's steps scaled by one factor (genbench.training.budget),
+    recorded as --set items, the same on any machine."""
     models = list(models) if models else available_models()
     for m in models:
         get_model_class(m)  # unknown model: fail before any work
@@ -99,6 +110,8 @@ def run_comparison(
     if unknown:
         raise GenbenchError(f"sets: unknown model(s) {unknown}; models are {available_models()}")
     per_model_sets = {m: list(sets.get(m, ())) for m in models}
+    if fd_points < 0:
+        raise GenbenchError(f"fd_points must be >= 0 (0: no FD during training), got {fd_points}")
     num_samples = num_samples or default_num_samples(preset)
     if num_samples < 2:
         raise GenbenchError(f"num_samples must be >= 2, got {num_samples}")
@@ -113,17 +126,40 @@ def run_comparison(
     out = Path(out)
     ds = dataset.load()
     # every model's --set items are valid before any work; the model configs give the samplers to evaluate with
+    for m in models:
+        resolve_configs(m, dataset.name, ds.shape, preset, per_model_sets[m])
+    plans = {}
+    if budget is not None:
+        for m in models:
+            plans[m] = plan_budget(m, dataset.name, ds.train, preset, per_model_sets[m], budget)
+            per_model_sets[m] += plans[m].sets
+            print(f"[compare] {m}: budget {budget:.3g} FLOPs = {plans[m].scale:.3g} x its preset's steps "
+                  f"({', '.join(f'{s} {n}' for s, n in plans[m].steps.items())})", flush=True)
+    if fd_points:
+        for m in models:
+            per_model_sets[m] += fd_probe_sets(m, dataset.name, ds.shape, preset, per_model_sets[m], fd_points)
     requested = {m: resolve_configs(m, dataset.name, ds.shape, preset, per_model_sets[m])[0] for m in models}
     sweep = DEFAULT_SAMPLER_SWEEP if sampler_sweep is None else tuple(sampler_sweep)
     for sampler in sweep:
         sampler.validate()
     with lock_folder(out, "comparison folder"):
-        return _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested, num_samples, eval_limit,
-                               seed, device, jobs, progress, replace, sweep)
+        result = _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested, num_samples, eval_limit,
+                                 seed, device, jobs, progress, replace, sweep, plans)
+    return result
+
+
+def fd_probe_sets(model: str, dataset_name: str, shape, preset: str, sets: list[str], points: int) -> list[str]:
+    """`train.fd_every` giving about `points` FD probes over the model's last stage (none when the
+    request sets fd_every itself)."""
+    if any(item.split("=", 1)[0].strip() in ("train.fd_every", "fd_every") for item in sets):
+        return []
+    _, cfg = resolve_configs(model, dataset_name, shape, preset, sets)
+    last = cfg.for_stage(get_model_class(model).stages[-1]).steps
+    return [f"train.fd_every={max(1, -(-last // points))}"]
 
 
 def _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested, num_samples, eval_limit, seed, device,
-                    jobs, progress, replace, sampler_sweep) -> dict:
+                    jobs, progress, replace, sampler_sweep, plans) -> dict:
     eval_limit = eval_limit or min(len(ds.test), 2000)
     t0 = time.perf_counter()
     for m in models:  # before any work: a folder made by another request is never reused silently
@@ -139,18 +175,19 @@ def _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested,
         if diffs:
             print(f"[compare] {m}: {run.path} held another request; moved to {run.move_aside()}", flush=True)
     pending = [m for m in models if not RunFolder(out / m).is_complete()]
+    # the feature network first: the training processes' FD probes load it from the cache
+    print(f"[compare] feature network for {ds.name} ...", flush=True)
+    feats = get_feature_network(ds)
     if jobs > 1 and len(pending) > 1:
         train_in_processes(pending, dataset, ds.shape, out, preset, per_model_sets, jobs, progress=progress)
 
-    print(f"[compare] feature network for {ds.name} ...", flush=True)
-    feats = get_feature_network(ds)
     ctx = EvalContext(ds, feats, num_samples=num_samples, eval_limit=eval_limit, seed=seed)
     rows = [ctx.reference_row("train set (floor)", ds.train), ctx.reference_row("uniform noise (ceiling)", None)]
     for m in models:
         run_dir = out / m
         print(f"[compare] {m}: train (or reuse) in {run_dir}", flush=True)
         train_run(m, ds, run_dir, preset=preset, sets=per_model_sets[m], resume=True, progress=progress,
-                  dataset_spec=dataset, sampler_elsewhere=True)
+                  dataset_spec=dataset, sampler_elsewhere=True, probe=FDProbe(ds))
         print(f"[compare] {m}: evaluate", flush=True)
         has_sampler = get_model_class(m).has_sampler
         rows.append(ctx.evaluate_run(run_dir, device=device, sampler=requested[m].sampler if has_sampler else None,
@@ -167,6 +204,10 @@ def _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested,
         "rows": rows,
         "wall_time_s": time.perf_counter() - t0,
     }
+    if plans:
+        result["budget"] = {"flops": next(iter(plans.values())).budget,
+                            "models": {m: {"preset_flops": p.preset_flops, "scale": p.scale, "planned_flops": p.flops,
+                                           "steps": p.steps} for m, p in plans.items()}}
     result["reports"] = {k: str(v) for k, v in write_reports(out, result).items()}
     return result
 

@@ -145,12 +145,15 @@ class EvalContext:
         row.update(
             parameters=count_parameters(model),
             train_wall_time_s=summary.get("wall_time_s"),
+            train_cpu_time_s=summary.get("cpu_time_s"),
+            train_flops=summary.get("train_flops"),
             train_images_per_s={s: v.get("images_per_s") for s, v in stages.items()},
             peak_memory_mb=summary.get("peak_memory_mb"),
             sample_ms_per_image=sample_s * 1000,
             device=summary.get("device"),
         )
         row["curves"] = run.curves()
+        row["quality_curve"] = run.quality_curve()  # FD probes during training (train.fd_every)
         row["stability"] = loss_stability(row["curves"])
         row["images_png"] = {k: png_bytes(v) for k, v in images.items()}
         row["family"] = dict(model.FAMILY)

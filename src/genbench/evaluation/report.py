@@ -23,6 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from genbench.files import atomic_write_bytes, write_json  # noqa: E402
 
+from .compute import compute_figure, compute_table  # noqa: E402
+
 # (key, header, direction: +1 higher is better, -1 lower is better, 0 not ranked, format)
 COLUMNS = [
     ("fd", "FD ↓", -1, "{:.2f}"),
@@ -230,7 +232,7 @@ def render_markdown(result: dict) -> str:
         lines += ["", "Diffusion models, FD against network calls per sample:", "",
                   "| model | sampler | network calls | FD | ms / sample |", "|---|---|---|---|---|"]
         lines += [f"| {name} | {how} | {calls} | {fd:.2f} | {ms:.2f} |" for name, how, calls, fd, ms in sweep]
-    lines += ["", f"Wall time of the whole comparison: {result['wall_time_s']:.0f} s.", ""]
+    lines += ["", f"Wall time of the whole comparison: {result['wall_time_s']:.0f} s. {budget_note(result)}".rstrip(), ""]
     return "\n".join(lines)
 
 
@@ -250,6 +252,16 @@ img{max-width:100%;height:auto}
 """
 
 
+def budget_note(result: dict) -> str:
+    """One sentence on an equal-compute comparison (`--budget`), empty otherwise."""
+    b = result.get("budget")
+    if not b:
+        return ""
+    scales = ", ".join(f"{m} {p['scale']:.3g}x" for m, p in b["models"].items())
+    return (f"Equal compute: every model trained {b['flops']:.3g} FLOPs, its preset's steps (and warm-up and "
+            f"schedule) scaled by one factor per model ({scales}); the compute table gives what each achieved.")
+
+
 def render_html(result: dict) -> str:
     rows = result["rows"]
     best = best_per_column(rows)
@@ -264,7 +276,7 @@ def render_html(result: dict) -> str:
         "no ImageNet weights exist offline). Reconstruction and likelihood on "
         f"{result['eval_test_images']} test images. Best model value per column highlighted; grey rows are "
         "references computed the same way. Whole comparison: "
-        f"{result['wall_time_s']:.0f} s.</p>",
+        f"{result['wall_time_s']:.0f} s. {html.escape(budget_note(result))}</p>",
         "<h2>Metrics</h2><table id='metrics'><thead><tr><th>model</th>",
     ]
     parts += [f"<th>{esc(h)}</th>" for _, h, _, _ in COLUMNS]
@@ -298,6 +310,19 @@ def render_html(result: dict) -> str:
         parts.append("</div>")
     parts.append("</div>")
 
+    fig = compute_figure(rows)
+    if fig is not None:
+        parts.append("<h2>Quality against training compute</h2><p class='note'>FD of a few samples at intervals of "
+                     "each model's last stage (fewer samples and, for diffusion, a 10-call sampler: biased upward), "
+                     "against the training FLOPs (counted, the same on any machine) and process CPU seconds spent "
+                     "so far, all stages included; the large dot ends each line at the table's FD.</p>")
+        parts.append(f"<img alt='FD against training compute' src='{_png_b64(_figure_png(fig))}'>")
+        parts.append("<table id='compute'><thead><tr><th>model</th><th>training TFLOP</th><th>CPU s</th>"
+                     "<th>wall s</th><th>FD ↓</th></tr></thead><tbody>")
+        for name, tflop, cpu, wall, fd in compute_table(rows):
+            parts.append(f"<tr><td>{esc(name)}</td><td>{_fmt(tflop, '{:.3g}')}</td><td>{_fmt(cpu, '{:.0f}')}</td>"
+                         f"<td>{_fmt(wall, '{:.0f}')}</td><td>{_fmt(fd, '{:.2f}')}</td></tr>")
+        parts.append("</tbody></table>")
     sweep = sampler_png(rows)
     if sweep:
         parts.append("<h2>Diffusion: quality against network calls</h2><p class='note'>The same samples count and "

@@ -17,6 +17,11 @@ What a model may provide (the defaults do nothing, or refuse with a clear error)
     optimizer_groups(stage)     {"main": params, ...}: one AdamW each (a GAN adds "disc")
     prepare_stage(stage, x)     before a stage's first step: data-dependent init (codebooks, scales)
     finish_training(x)          after the last stage: fit what needs the trained model (AE's prior)
+    flops_phase(stage, step)    which kind of step this is, for counting training FLOPs once per kind
+                                (genbench.training.flops); a step's cost may change within a stage
+                                (VQ-GAN's discriminator from disc_start): 0 by default
+    schedule_sets(config, k)    --set items that stretch the model's own step-based schedule by k when
+                                a compute budget scales its training steps (VQ-GAN's disc_start)
     evaluate(test, generator)   likelihood figures: "bits_per_dim" (None when undefined) and
                                 "bpd_estimator" (how it was computed, or why it is undefined)
 
@@ -101,6 +106,13 @@ class GenerativeModel(nn.Module):
 
     def finish_training(self, train_images: Tensor) -> None:
         pass
+
+    def flops_phase(self, stage: str, step: int) -> int:
+        return 0
+
+    @classmethod
+    def schedule_sets(cls, config, k: float) -> list[str]:
+        return []
 
     # ---- evaluation
 

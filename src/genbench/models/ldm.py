@@ -296,6 +296,19 @@ class LDM(GenerativeModel):
         state = {k: v for k, v in loaded.state_dict().items() if k.split(".")[0] not in UNUSED_SUBMODULES}
         load_state(self.first_stage, state, folder / "model.safetensors")
 
+    @classmethod
+    def schedule_sets(cls, config, k: float) -> list[str]:
+        """A first stage trained here keeps its own schedule, stretched like its steps."""
+        if config.first_stage_run is not None:
+            return []
+        fs = config.first_stage_config()
+        return [f"{config.first_stage}.{item}" for item in get_model_class(config.first_stage).schedule_sets(fs, k)]
+
+    def flops_phase(self, stage: str, step: int) -> int:
+        if stage == "first_stage":
+            return self.first_stage.flops_phase(self.first_stage_train_stage, step)
+        return 0
+
     def loss(self, batch: Tensor, step: int = 0, stage: str = "diffusion") -> dict[str, Tensor]:
         self.check_stage(stage)
         if stage == "first_stage":

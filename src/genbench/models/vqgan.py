@@ -188,6 +188,15 @@ class VQGAN(VQVAE):
             net = get_perceptual_network(train_images.cpu())
         self.set_perceptual_network(net)
 
+    @classmethod
+    def schedule_sets(cls, config, k: float) -> list[str]:
+        """The discriminator starts at the same fraction of the (scaled) autoencoder stage."""
+        return [f"disc_start={round(k * config.disc_start)}"] if config.disc_start else []
+
+    def flops_phase(self, stage: str, step: int) -> int:
+        """1 once the discriminator runs (autoencoder stage, from disc_start), else 0."""
+        return int(stage == "autoencoder" and step >= self.config.disc_start and self.config.disc_factor > 0)
+
     def loss(self, batch: Tensor, step: int = 0, stage: str = "autoencoder") -> dict[str, Tensor]:
         self.check_stage(stage)
         if stage == "prior":

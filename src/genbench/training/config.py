@@ -17,7 +17,7 @@ from genbench.errors import GenbenchError
 
 # what a resumed run may change (`genbench train --resume --set train.lr=...`): the rest would make the
 # checkpoint describe another run
-RESUMABLE_FIELDS = ("steps", "lr", "grad_clip", "log_every", "ckpt_every")
+RESUMABLE_FIELDS = ("steps", "lr", "grad_clip", "log_every", "ckpt_every", "fd_every")
 
 
 @dataclass
@@ -36,6 +36,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 500
+    # quality probes: the FD of a few samples every fd_every steps of the last stage, logged with the
+    # training compute spent (0: off; `genbench compare` turns it on, genbench.evaluation.probe)
+    fd_every: int = 0
     device: str = "auto"
     # per-stage overrides of the fields above, e.g. {"prior": {"steps": 2000, "lr": 3e-4}}
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -52,6 +55,7 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
             (self.log_every >= 1, "log_every must be >= 1"),
             (self.ckpt_every >= 1, "ckpt_every must be >= 1"),
+            (self.fd_every >= 0, "fd_every must be >= 0 (0 turns the quality probes off)"),
             (0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),
         ]
         for ok, msg in checks:

@@ -22,12 +22,14 @@ of a one-process run, so a checkpoint resumes with any number of processes.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import resource
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -40,6 +42,7 @@ from . import distributed
 from .checkpoint import (check_like, check_position, checkpoint_name, has_checkpoint, load_checkpoint, prefixed,
                          restore_optimizer, save_checkpoint, training_state)
 from .config import TrainConfig, check_world, lr_at
+from .flops import StepFlops
 from .run_folder import RunFolder, TrainingLog
 
 
@@ -130,6 +133,10 @@ class Session:
     summary: dict = field(default_factory=lambda: {"stages": {}})
     progress: bool = True
     interrupt_at: int | None = None
+    step_flops: StepFlops | None = None
+    # quality probe (genbench.evaluation.probe): model -> {"fd": ...}, called every cfg.fd_every steps
+    # of the last stage on a copy of the model as it would be exported then
+    probe: Callable[[GenerativeModel], dict] | None = None
 
 
 @dataclass
@@ -143,6 +150,8 @@ class StageState:
     ema: EMA | None
     global_offset: int  # steps of the earlier stages
     elapsed: float = 0.0  # wall seconds this stage trained in earlier processes
+    cpu_elapsed: float = 0.0  # process CPU seconds, likewise
+    flops: int = 0  # training FLOPs of this stage so far (genbench.training.flops)
 
 
 # ---------------------------------------------------------------- the loop
@@ -155,14 +164,22 @@ def train(
     run_dir: str | Path,
     progress: bool = True,
     interrupt_at: int | None = None,
+    probe: Callable[[GenerativeModel], dict] | None = None,
 ) -> dict:
     """Train `model` through all its stages inside `run_dir`, resuming from its latest checkpoint.
 
     Under torchrun every process calls this with the full training set; each takes its slice of
     every global batch, gradients are averaged across processes and only rank 0 touches `run_dir`
     (see genbench.training.distributed). Returns a summary dict (wall time, images/s per stage,
-    peak memory, device). `interrupt_at` (tests only) raises `Interrupted` right after the
-    checkpoint of that global step is written.
+    peak memory, device, training FLOPs and CPU seconds). `interrupt_at` (tests only) raises
+    `Interrupted` right after the checkpoint of that global step is written.
+
+    Training compute: every step adds its FLOPs (counted once per kind of step, genbench.training.flops)
+    to the stage's and the run's total, logged with each record as `train_flops`. `probe` (with
+    `cfg.fd_every` > 0): every fd_every steps of the last stage, and after its last step, the probe
+    scores a copy of the model as it would be exported at that point (EMA weights, finish_training)
+    and a record with its result and the compute spent so far (train_flops, train_s, train_cpu_s,
+    probing time excluded) is logged: quality against training compute.
     """
     run = RunFolder(run_dir)
     world = distributed.init()
@@ -172,8 +189,12 @@ def train(
     model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if any(cfg.for_stage(s).fd_every > 0 for s in stages) and probe is None:
+        raise GenbenchError("train config: fd_every > 0 needs a quality probe (genbench.evaluation.probe.FDProbe; "
+                            "`genbench train --fd-every N` makes one)")
     session = Session(model, train_images.to(device), device, run, log=None, progress=progress,
-                      interrupt_at=interrupt_at)
+                      interrupt_at=interrupt_at, probe=probe,
+                      step_flops=StepFlops(model, bf16=bf16_effective(device, cfg.bf16)))
 
     def read_and_prepare():  # rank 0 alone reads the checkpoint and writes the log
         found = load_checkpoint(run.checkpoints)
@@ -197,7 +218,7 @@ def train(
             resuming = meta is not None and stage == meta["stage"]
             state = _resume_stage(session, stage, scfg, meta, tensors) if resuming else _start_stage(session, stage, scfg)
             state.global_offset = _global_step(cfg, stages, stage, 0)
-            _train_stage(session, state)
+            _train_stage(session, state, last=stage == stages[-1])
             if state.ema is not None:
                 state.ema.copy_to(model)  # later stages (and the export) continue from the averaged weights
         model.eval()
@@ -211,6 +232,8 @@ def train(
     summary = session.summary
     summary["peak_memory_mb"] = _peak_memory_mb(device)
     summary["wall_time_s"] = sum(s["wall_time_s"] for s in summary["stages"].values())
+    summary["cpu_time_s"] = sum(s.get("cpu_time_s", 0.0) for s in summary["stages"].values())
+    summary["train_flops"] = sum(s.get("flops", 0) for s in summary["stages"].values())
     summary["device"] = str(device)
     summary["world_size"] = world.world_size
     summary["bf16_used"] = bf16_effective(device, cfg.bf16)
@@ -247,11 +270,13 @@ def _resume_stage(session: Session, stage: str, cfg: TrainConfig, meta: dict, te
         shadow = prefixed(tensors, "ema.")
         check_like(ema.shadow, shadow, f"{where}: EMA weights")
         ema.shadow = {k: v.to(device=session.device, dtype=ema.shadow[k].dtype) for k, v in shadow.items()}
-    elapsed = float(session.summary["stages"].get(stage, {}).get("wall_time_s", 0.0))
-    return StageState(stage, cfg, meta["step"], optimizers, ema, global_offset=0, elapsed=elapsed)
+    done = session.summary["stages"].get(stage, {})
+    return StageState(stage, cfg, meta["step"], optimizers, ema, global_offset=0,
+                      elapsed=float(done.get("wall_time_s", 0.0)), cpu_elapsed=float(done.get("cpu_time_s", 0.0)),
+                      flops=int(done.get("flops", 0)))
 
 
-def _train_stage(session: Session, st: StageState) -> None:
+def _train_stage(session: Session, st: StageState, last: bool = True) -> None:
     model, data, device, cfg, stage = session.model, session.data, session.device, st.cfg, st.name
     world, rank = distributed.world_size(), distributed.rank()
     n = data.shape[0]
@@ -268,7 +293,15 @@ def _train_stage(session: Session, st: StageState) -> None:
     window_t, window_steps = time.perf_counter(), 0
     stage_summary = session.summary["stages"].setdefault(stage, {})
     stage_summary.update(steps=cfg.steps, batch_size=bs)  # a resumed run may have been given more steps
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    overhead = [0.0, 0.0]  # wall and CPU seconds of FLOP counting and probes: not training
+    earlier_flops = sum(s.get("flops", 0) for name, s in session.summary["stages"].items() if name != stage)
+    probing = last and session.probe is not None and cfg.fd_every > 0
+
+    def spent() -> tuple[float, float]:
+        return (st.elapsed + time.perf_counter() - t_start - overhead[0],
+                st.cpu_elapsed + time.process_time() - cpu_start - overhead[1])
+
     try:
         while st.step < cfg.steps:
             step = st.step
@@ -279,6 +312,10 @@ def _train_stage(session: Session, st: StageState) -> None:
             # rank r takes the r-th contiguous slice of the global batch (a DistributedSampler per batch)
             idx = perm[pos * bs + rank * local: pos * bs + (rank + 1) * local]
             batch = data.index_select(0, idx)
+            w0, c0 = time.perf_counter(), time.process_time()
+            st.flops += world * session.step_flops(stage, step, batch)  # counted once per kind of step
+            overhead[0] += time.perf_counter() - w0
+            overhead[1] += time.process_time() - c0
             torch.manual_seed(rng_seed(cfg.seed, stage, step, rank))
             lr = lr_at(cfg, step)
             for opt in st.optimizers.values():
@@ -320,20 +357,54 @@ def _train_stage(session: Session, st: StageState) -> None:
                 scalars = {k: v for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
                 values = distributed.all_reduce_mean(scalars)  # global-batch means (per-sample means average exactly)
                 record = {"stage": stage, "step": step, "global_step": st.global_offset + step, "lr": lr,
-                          "images_per_s": round(ips, 2), **values}
+                          "images_per_s": round(ips, 2), "train_flops": earlier_flops + st.flops, **values}
                 if world > 1:
                     record["world_size"] = world
                 distributed.on_main(lambda: session.log.append(record), what="writing the training log")
                 bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{ips:.0f}")
             bar.update(1)
+            if probing and (step % cfg.fd_every == 0 or step == cfg.steps):
+                w0, c0 = time.perf_counter(), time.process_time()
+                wall_s, cpu_s = spent()
+                record = {"stage": stage, "step": step, "global_step": st.global_offset + step,
+                          "train_flops": earlier_flops + st.flops,
+                          "train_s": round(wall_s + _earlier(session, stage, "wall_time_s"), 3),
+                          "train_cpu_s": round(cpu_s + _earlier(session, stage, "cpu_time_s"), 3),
+                          **_probe(session, st)}
+                distributed.on_main(lambda: session.log.append(record), what="writing the training log")
+                overhead[0] += time.perf_counter() - w0
+                overhead[1] += time.process_time() - c0
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                stage_summary["wall_time_s"] = st.elapsed + time.perf_counter() - t_start
+                stage_summary["wall_time_s"], stage_summary["cpu_time_s"] = spent()
+                stage_summary["flops"] = st.flops
                 stage_summary["images_per_s"] = step * bs / max(stage_summary["wall_time_s"], 1e-9)
                 distributed.on_main(lambda: _save(session, st), what=f"saving the checkpoint of step {step}")
                 if session.interrupt_at is not None and st.global_offset + step == session.interrupt_at:
                     raise Interrupted(f"interrupted after step {session.interrupt_at}")
     finally:
         bar.close()
+
+
+def _earlier(session: Session, stage: str, key: str) -> float:
+    """`key` summed over the stages before `stage` (their summaries are final)."""
+    return sum(float(s.get(key, 0.0)) for name, s in session.summary["stages"].items() if name != stage)
+
+
+def _probe(session: Session, st: StageState) -> dict:
+    """The probe's result on a copy of the model as it would be exported now: the EMA weights, eval
+    mode, finish_training (e.g. the AE's latent Gaussian). The training model, its RNG streams and
+    the data order are untouched (the global RNG is re-seeded before every step anyway)."""
+    if distributed.rank() != 0:
+        return {}
+    model = copy.deepcopy(session.model)
+    if st.ema is not None:
+        st.ema.copy_to(model)
+    model.eval()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(rng_seed(st.cfg.seed, st.name, st.step, "probe"))
+        model.finish_training(session.data)
+        result = session.probe(model)
+    return result
 
 
 def _save(session: Session, st: StageState) -> None:

@@ -132,7 +132,7 @@ def _resumable(key: str) -> bool:
 def train_run(model_name: str, dataset: ImageDataset, run_dir: str | os.PathLike, preset: str | None = None,
               sets: list[str] | tuple | None = None, resume: bool = False, progress: bool = True,
               interrupt_at: int | None = None, dataset_spec: DatasetSpec | None = None,
-              sampler_elsewhere: bool = False) -> Path:
+              sampler_elsewhere: bool = False, probe=None) -> Path:
     """Train `model_name` on `dataset` into `run_dir`; export the model.
 
     `run_dir/run.json` records the request (model, dataset spec, preset, --set items), the resolved
@@ -142,7 +142,8 @@ def train_run(model_name: str, dataset: ImageDataset, run_dir: str | os.PathLike
     otherwise a GenbenchError names every difference, before any work. An unfinished run may take
     other train steps/lr/grad_clip/log_every/ckpt_every and another sampler (applied and recorded).
     `sampler_elsewhere`: the caller applies the requested sampler where it samples (the comparison's
-    evaluation), so a finished run whose sampler differs is reused. Under torchrun every process
+    evaluation), so a finished run whose sampler differs is reused. `probe`: the quality probe
+    that train.fd_every > 0 calls (genbench.evaluation.probe.FDProbe). Under torchrun every process
     calls this; rank 0 alone reads and writes `run_dir` and shares the configs with the others.
     """
     world = distributed.init()
@@ -155,14 +156,14 @@ def train_run(model_name: str, dataset: ImageDataset, run_dir: str | os.PathLike
     lock = distributed.on_main(run.lock, what=f"locking the run folder {run.path}")  # rank 0 owns the folder
     try:
         return _train_locked(run, cls, model_name, dataset, spec, preset, sets, resume, progress, interrupt_at, world,
-                             sampler_elsewhere)
+                             sampler_elsewhere, probe)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train_locked(run: RunFolder, cls, model_name, dataset, spec, preset, sets, resume, progress, interrupt_at,
-                  world, sampler_elsewhere) -> Path:
+                  world, sampler_elsewhere, probe) -> Path:
     def setup() -> dict:
         if run.exists():
             info = run.read_info()
@@ -220,7 +221,8 @@ def _train_locked(run: RunFolder, cls, model_name, dataset, spec, preset, sets, 
     train_cfg = from_dict(TrainConfig, info["train_config"], where=f"{run.run_json}: train_config")
     torch.manual_seed(train_cfg.seed)  # model initialisation is part of the run's seed (the same on every rank)
     model = cls(model_cfg)
-    summary = train(model, dataset.train, train_cfg, run.path, progress=progress, interrupt_at=interrupt_at)
+    summary = train(model, dataset.train, train_cfg, run.path, progress=progress, interrupt_at=interrupt_at,
+                    probe=probe)
     summary["parameters"] = count_parameters(model)
     model.eval()
 

@@ -206,6 +206,18 @@ class RunFolder:
                 c["loss"].append(rec["loss"])
         return curves
 
+    def quality_curve(self) -> dict[str, list]:
+        """The quality probes' records (genbench.training.loop, train.fd_every): {"global_step",
+        "train_flops", "train_s", "train_cpu_s", "fd": [...]}, in training order; empty lists when
+        the run was trained without probes."""
+        keys = ("global_step", "train_flops", "train_s", "train_cpu_s", "fd")
+        curve: dict[str, list] = {k: [] for k in keys}
+        for rec in self.read_log():
+            if isinstance(rec.get("fd"), (int, float)) and all(isinstance(rec.get(k), (int, float)) for k in keys):
+                for k in keys:
+                    curve[k].append(rec[k])
+        return curve
+
     def last_global_step(self) -> int:
         """The latest `global_step` logged (0 before the first record); reads only the log's tail,
         so a progress bar can poll it cheaply."""

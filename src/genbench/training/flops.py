@@ -1,0 +1,72 @@
+"""Training compute in FLOPs: counted once per step kind, so budgets are deterministic.
+
+A training step's FLOPs depend only on tensor shapes, not on the data or the machine, so they are
+counted once, with torch.utils.flop_counter.FlopCounterMode, on a throwaway copy of the model: the
+model's own `loss` and a backward pass per optimizer group, exactly as the trainer runs them
+(genbench.training.loop). FlopCounterMode counts the matrix products, convolutions and attention
+(2 FLOPs per multiply-add, forward and backward); elementwise work, normalisation and the optimizer
+update are not counted, as in the usual 6 N FLOPs-per-token accounting (Kaplan et al. 2020).
+
+A model whose step changes cost during a stage (VQ-GAN's discriminator switches on at `disc_start`)
+says so with `flops_phase(stage, step)`; each phase is counted once. `StepFlops` is the trainer's
+cache; `stage_flops` gives a whole stage's FLOPs before training, which `genbench compare --budget`
+uses to give every model the same training compute.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from genbench.models.base import GenerativeModel
+from genbench.utils import autocast
+
+
+def count_step_flops(model: GenerativeModel, stage: str, batch: torch.Tensor, step: int, bf16: bool = False) -> int:
+    """FLOPs of one training step of `stage` at `step` on `batch` (forward + the backward of every
+    optimizer group), counted on a deep copy so that the model, its buffers (a VQ codebook's EMA) and
+    the global RNG are left as they were."""
+    probe = copy.deepcopy(model)
+    probe.train()
+    groups = probe.optimizer_groups(stage)
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+        torch.manual_seed(0)
+        with autocast(batch.device, bf16):
+            out = probe.loss(batch, step=step, stage=stage)
+        names = list(groups)
+        for i, g in enumerate(names):
+            loss = out["loss"] if g == "main" else out[f"loss_{g}"]
+            params = [p for p in groups[g] if p.requires_grad]
+            if loss.requires_grad and params:
+                loss.backward(inputs=params, retain_graph=i < len(names) - 1)
+    return int(counter.get_total_flops())
+
+
+class StepFlops:
+    """FLOPs per training step, counted at the first step of each (stage, phase) and reused."""
+
+    def __init__(self, model: GenerativeModel, bf16: bool = False):
+        self.model, self.bf16 = model, bf16
+        self.counted: dict[tuple[str, int], int] = {}
+
+    def __call__(self, stage: str, step: int, batch: torch.Tensor) -> int:
+        key = (stage, self.model.flops_phase(stage, step))
+        if key not in self.counted:
+            self.counted[key] = count_step_flops(self.model, stage, batch, step, self.bf16)
+        return self.counted[key]
+
+
+def stage_flops(model: GenerativeModel, stage: str, steps: int, batch: torch.Tensor) -> int:
+    """FLOPs of `steps` training steps of `stage` with batches shaped like `batch`: each phase of the
+    stage counted once, times its number of steps."""
+    per_phase: dict[int, int] = {}
+    for step in range(steps):
+        phase = model.flops_phase(stage, step)
+        per_phase[phase] = per_phase.get(phase, 0) + 1
+    total = 0
+    for phase, n in per_phase.items():
+        first = next(s for s in range(steps) if model.flops_phase(stage, s) == phase)
+        total += n * count_step_flops(model, stage, batch, first)
+    return total
