@@ -124,7 +124,7 @@ def run_comparison(
 
 def _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested, num_samples, eval_limit, seed, device,
                     jobs, progress, replace, sampler_sweep) -> dict:
-    eval_limit = eval_limit or min(len(ds.test), 2000)
+    eval_limit = eval_limit or min(len(ds.test_pixels), 2000)
     t0 = time.perf_counter()
     for m in models:  # before any work: a folder made by another request is never reused silently
         run = RunFolder(out / m)
@@ -145,7 +145,7 @@ def _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested,
     print(f"[compare] feature network for {ds.name} ...", flush=True)
     feats = get_feature_network(ds)
     ctx = EvalContext(ds, feats, num_samples=num_samples, eval_limit=eval_limit, seed=seed)
-    rows = [ctx.reference_row("train set (floor)", ds.train), ctx.reference_row("uniform noise (ceiling)", None)]
+    rows = [ctx.reference_row("train set (floor)", ds.train_pixels), ctx.reference_row("uniform noise (ceiling)", None)]
     for m in models:
         run_dir = out / m
         print(f"[compare] {m}: train (or reuse) in {run_dir}", flush=True)
