@@ -102,3 +102,16 @@ def test_model_trains_samples_and_evaluates_on_cuda(name, gpu_env, tiny_digits, 
         assert np.isfinite(row["bits_per_dim"]) and row["bits_per_dim"] > 0  # barely trained: no upper bound
     if row.get("mse") is not None:
         assert 0 <= row["mse"] < 1
+
+
+def test_uint8_pixels_convert_on_the_gpu_to_the_cpu_floats():
+    """CUDA divides by a Python scalar as a multiplication by its reciprocal; the conversion looks
+    the values up in a table made on the CPU instead, so a batch converted on the GPU holds exactly
+    the floats a CPU run (and genbench before uint8 storage) computes."""
+    from genbench.data import unit_float
+
+    p = torch.arange(256, dtype=torch.uint8).reshape(4, 1, 8, 8)
+    expected = torch.from_numpy(np.arange(256, dtype=np.float32).reshape(4, 1, 8, 8) / 255.0)
+    on_device = p.to(DEVICE)
+    assert torch.equal(unit_float(on_device).cpu(), expected)
+    assert torch.equal(unit_float(on_device, torch.tensor([3, 0], device=DEVICE)).cpu(), expected[[3, 0]])

@@ -58,7 +58,7 @@ def cmd_train(args) -> int:
     run folder, the sample images and the final line (see genbench.training.distributed)."""
     from .evaluation.trained_run import TrainedRun
     from .models import get_model_class
-    from .training import distributed, train_run
+    from .training import distributed, load_training_data, train_run
     from .utils import check_seed
 
     get_model_class(args.model)  # unknown model or seed: fail before loading data
@@ -68,7 +68,7 @@ def cmd_train(args) -> int:
     if args.fd_every is not None:
         args.set = [*(args.set or []), f"train.fd_every={args.fd_every}"]
     spec = _dataset_spec(args)
-    ds = spec.load()
+    ds = load_training_data(spec, progress=not args.no_progress)  # under torchrun: this process's shard
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
     t0 = time.perf_counter()
     from .evaluation.probe import FDProbe

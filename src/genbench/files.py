@@ -29,6 +29,19 @@ from .limits import check_memory
 MAX_JSON_BYTES = 64 * 2**20  # a run.json, config.json or checkpoint record is kilobytes; never read more than this
 
 
+CACHE_ENV_VAR = "GENBENCH_CACHE"
+
+
+def cache_root(kind: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where genbench keeps derived data of one `kind` (trained auxiliary networks, decoded image
+    folders): ``cache_dir`` when given, else ``$GENBENCH_CACHE/<kind>``, else ``~/.cache/genbench/<kind>``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV_VAR, "").strip()
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "genbench"
+    return root / kind
+
+
 TMP_INFIX = ".tmp"  # atomic writes go through ".<name>.tmp<pid>" beside their target
 
 

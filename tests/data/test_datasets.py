@@ -286,6 +286,28 @@ def test_idx_dataset_from_explicit_dir_values_exact(tmp_path, no_env):
     assert 0.0 <= limited.train.min() and limited.train.max() <= 1.0
 
 
+def test_idx_pixels_stay_uint8_and_read_as_the_floats_of_before(tmp_path, no_env):
+    written = write_idx_dataset(tmp_path / "d", n_train=6, side=5)
+    ds = load_dataset("fashion-mnist", data_dir=tmp_path / "d")
+    assert ds.train_pixels.dtype == torch.uint8 and ds.train_pixels.nbytes == 6 * 25  # 1 byte a pixel
+    # bit for bit what the loader gave before: float32 p / 255
+    assert torch.equal(ds.train[:, 0], torch.from_numpy(written["train"][0].astype(np.float32) / np.float32(255)))
+    # another size is reached in float and kept as float32: resized values are not multiples of 1/255
+    assert load_dataset("fashion-mnist", data_dir=tmp_path / "d", image_size=8).train_pixels.dtype == torch.float32
+    parts = [load_dataset("fashion-mnist", data_dir=tmp_path / "d", shard=(r, 4)) for r in range(4)]
+    assert [len(p.train_pixels) for p in parts] == [1, 2, 1, 2] and all(p.num_train == 6 for p in parts)
+    assert torch.equal(torch.cat([p.train_pixels for p in parts]), ds.train_pixels)
+    assert torch.equal(torch.cat([p.train_labels for p in parts]), ds.train_labels)
+
+
+def test_digits_keep_their_exact_float32_values_and_shard():
+    ds = load_dataset("digits", limit=100)
+    assert ds.train_pixels.dtype == torch.float32  # k/16 is not a multiple of 1/255
+    halves = [load_dataset("digits", limit=100, shard=(r, 2)) for r in range(2)]
+    assert torch.equal(torch.cat([h.train for h in halves]), ds.train) and halves[1].num_train == 100
+    assert torch.equal(halves[0].test, ds.test)
+
+
 def test_idx_dataset_raw_and_dotted_names(tmp_path, no_env):
     d = tmp_path / "raw"
     written = write_idx_dataset(d, gz=False)
@@ -404,16 +426,19 @@ def test_folder_rgb_split_order_and_values(tmp_path):
     colors = [(10 * i, 255 - 10 * i, (37 * i) % 256) for i in range(23)]
     sizes = [(40, 30), (17, 50), (32, 32)]
     for i, c in enumerate(colors):
-        sub = "sub" if i % 2 else ""  # recursive
+        sub = "b/deep" if i % 2 else "a"  # two classes; images below a class folder at any depth
         ext = "PNG" if i % 3 == 0 else "png"  # case-insensitive extension
         save(root / sub / f"img{i:02d}.{ext}", "RGB", sizes[i % 3], c)
     (root / "notes.txt").write_text("not an image")
     save(root / ".hidden.png", "RGB", (8, 8), (0, 0, 0))
     ds = load_dataset("folder", data_dir=root, image_size=8)
     assert ds.train.shape == (20, 3, 8, 8) and ds.test.shape == (3, 3, 8, 8)
-    assert ds.train_labels is None and ds.num_classes is None and ds.name == "folder"
-    # sorted by relative path: img*, then sub/img*; every 10th is test
+    assert ds.class_names == ("a", "b") and ds.num_classes == 2 and ds.name == "folder"
+    # sorted by relative path: a/img*, then b/deep/img*; every 10th is test
     order = [i for i in range(23) if i % 2 == 0] + [i for i in range(23) if i % 2]
+    labels = torch.tensor([i % 2 for i in order])
+    assert torch.equal(ds.train_labels, labels[torch.arange(23) % 10 != 0])
+    assert torch.equal(ds.test_labels, labels[torch.arange(23) % 10 == 0])
     expected = torch.tensor([colors[i] for i in order], dtype=torch.float32) / 255
     is_test = torch.arange(23) % 10 == 0
     # a solid image stays solid through crop and bicubic resize
@@ -486,8 +511,8 @@ def test_folder_errors(tmp_path):
     save(empty / "one.png", "RGB", (4, 4), (1, 2, 3))
     with pytest.raises(GenbenchError, match="holds only 1 image; need at least 2"):
         load_dataset("folder", data_dir=empty)
-    (empty / "sub" / "broken.png").write_bytes(b"definitely not a PNG" * 10)
-    with pytest.raises(GenbenchError, match=r"sub/broken.png: cannot decode image: cannot identify image file"):
+    (empty / "broken.png").write_bytes(b"definitely not a PNG" * 10)
+    with pytest.raises(GenbenchError, match=r"empty/broken.png: cannot decode image: cannot identify image file"):
         load_dataset("folder", data_dir=empty)
     # a PNG whose header is fine but whose pixel data is cut off
     full = save(tmp_path / "trunc" / "a.png", "RGB", (64, 64), (5, 6, 7))

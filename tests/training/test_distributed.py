@@ -8,7 +8,9 @@ on a loaded 2-core machine), so ONE launch does everything, driven by `_DRIVER` 
 3. `--resume` of an AE run that one process interrupted after step 10 (1 -> 2 processes);
 4. an AE run interrupted after step 10 by the `interrupt_at` hook (later resumed here with 1 process);
 5. a config whose batch does not split over 2 ranks: both ranks must exit with the clear error;
-6. the collectives of genbench.training.distributed checked directly against hand-computed values.
+6. batches of 2 images, so that in about half the steps one rank's shard holds none of them;
+7. the collectives of genbench.training.distributed checked directly against hand-computed values,
+   and the shard of the training images each rank loads.
 
 The single-process references are trained in this pytest process with the same seed and global batch.
 
@@ -59,7 +61,8 @@ from genbench.training import distributed
 from genbench.data import load_dataset
 from genbench.errors import GenbenchError
 from genbench.training.loop import Interrupted
-from genbench.training.run import train_run
+from genbench.training.run import load_training_data, train_run
+from genbench.data import DatasetSpec
 
 jobs = json.loads(sys.argv[1])
 rank = int(os.environ["RANK"])
@@ -110,6 +113,9 @@ shared = distributed.share_tensors({"w": torch.arange(6.0).reshape(2, 3), "flag"
 c["tensors"] = {k: [str(v.dtype), v.tolist()] for k, v in shared.items()}
 c["none"] = distributed.share_tensors(None) is None
 c["on_main_result"] = distributed.on_main(lambda: {"answer": 42}, what="test", share=True)
+c["gathered"] = distributed.all_gather_rows(torch.full((rank + 1, 2), rank, dtype=torch.uint8)).tolist()
+ds = load_training_data(DatasetSpec("folder", jobs["data"], 8), progress=False)
+c["shard"] = [len(ds.train_pixels), ds.num_train, ds.train_pixels.float().sum().item()]
 
 def fail():
     raise GenbenchError("disk on fire")
@@ -151,6 +157,7 @@ def launched(tmp_path_factory, images):
     folder, ds = images
     tmp = tmp_path_factory.mktemp("ddp")
     refs = {m: train_run(m, ds, tmp / f"ref_{m}", sets=SETS, progress=False) for m in ("ae", "vae")}
+    refs["pairs"] = train_run("ae", ds, tmp / "ref_pairs", sets=SETS + ["train.batch_size=2"], progress=False)
     with pytest.raises(Interrupted):  # to be resumed by 2 processes
         train_run("ae", ds, tmp / "cut1", sets=SETS, progress=False, interrupt_at=10,
                   dataset_spec=DatasetSpec("folder", str(folder), 8))
@@ -161,6 +168,7 @@ def launched(tmp_path_factory, images):
             ["train", "vae", *DATA, "--out", str(tmp / "vae2"), *CLI_SETS],
             ["train", "ae", *DATA, "--out", str(tmp / "cut1"), "--resume"],
             ["train", "ae", *DATA, "--out", str(tmp / "odd"), *CLI_SETS, "--set", "train.batch_size=33"],
+            ["train", "ae", *DATA, "--out", str(tmp / "pairs"), *CLI_SETS, "--set", "train.batch_size=2"],
         ],
         "interrupt_dir": str(tmp / "cut2"),
         "data": str(folder),
@@ -205,7 +213,7 @@ def test_only_rank_zero_writes(launched):
     assert info["status"] == "complete" and info["summary"]["world_size"] == 2
     assert info["summary"]["stages"]["main"]["batch_size"] == 32  # the global batch, as configured
     # the final line is printed once per command, by rank 0
-    assert launched["stdout"].count("trained ae on folder with 2 processes") == 2
+    assert launched["stdout"].count("trained ae on folder with 2 processes") == 3
     assert launched["stdout"].count("trained vae on folder with 2 processes") == 1
 
 
@@ -260,6 +268,25 @@ def test_config_error_stops_every_rank_with_the_message(launched):
     assert not (tmp / "odd").exists()
 
 
+def test_a_rank_without_images_in_a_batch_adds_nothing(launched):
+    """With 2 images a batch, both lie in one rank's shard in about half the steps: that rank weighs its
+    loss by 2, the other runs one image with weight 0, and the mean is the one-process loss."""
+    tmp, ref = launched["tmp"], launched["refs"]["pairs"]
+    assert [r["cli"][4] for r in launched["ranks"]] == [0, 0]
+    one, two = _losses(ref), _losses(tmp / "pairs")
+    assert len(one) == len(two) == STEPS
+    worst = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(one, two))
+    assert worst < AE_LOSS_RTOL, worst
+    for k, w in _weights(ref).items():
+        torch.testing.assert_close(_weights(tmp / "pairs")[k], w, rtol=0, atol=AE_WEIGHT_ATOL, msg=k)
+
+
+def test_each_rank_loads_only_its_shard(launched, images):
+    r0, r1 = (r["checks"] for r in launched["ranks"])
+    train = images[1].train_pixels.float()
+    assert r0["shard"] == [72, 144, train[:72].sum().item()] and r1["shard"] == [72, 144, train[72:].sum().item()]
+
+
 def test_collectives(launched):
     r0, r1 = (r["checks"] for r in launched["ranks"])
     assert r0["world"] == [0, 2, True] and r1["world"] == [1, 2, False]
@@ -275,6 +302,7 @@ def test_collectives(launched):
         assert c["tensors"] == {"w": ["torch.float32", [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]],
                                 "flag": ["torch.bool", [True, False]], "i": ["torch.int64", 7]}
         assert c["none"] and c["on_main_result"] == {"answer": 42}
+        assert c["gathered"] == [[0, 0], [1, 1], [1, 1]]  # rank 0's one row, then rank 1's two
     assert r0["on_main_error"] == "disk on fire"
     assert r1["on_main_error"] == "writing something failed on rank 0: disk on fire"
 

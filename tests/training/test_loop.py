@@ -261,3 +261,52 @@ def test_bf16_autocast_runs_the_forward_in_bf16_and_is_recorded(tmp_path, tiny_d
     assert abs(runs["bf16"][1][0] - loss32) < 5 * sd, (runs["bf16"][1][0], loss32, sd)  # ...by rounding only
     model = GenerativeModel.from_pretrained(tmp_path / "bf16" / "model")
     assert torch.isfinite(model.sample(4)).all()
+
+
+# ---------------------------------------------------------------- uint8 datasets and shards
+
+
+def _uint8_dataset(n=256):
+    from genbench.data import ImageDataset
+
+    pixels = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    return ImageDataset("u8", pixels, pixels[:64].clone())
+
+
+def test_uint8_pixels_train_exactly_as_their_float32_values(tmp_path):
+    """Batches, and what finish_training sees, are converted from uint8 to the very floats a float32
+    dataset holds: the same weights and losses, bit for bit."""
+    from genbench.data import ImageDataset
+
+    u8 = _uint8_dataset()
+    f32 = ImageDataset("u8", u8.train, u8.test)
+    assert f32.train_pixels.dtype == torch.float32
+    a = train_run("ae", u8, tmp_path / "u8", sets=TINY, progress=False)
+    b = train_run("ae", f32, tmp_path / "f32", sets=TINY, progress=False)
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+             for line in (run / "log.jsonl").read_text().splitlines()] for run in (a, b)]
+    assert logs[0] == logs[1]
+
+
+def test_prepare_and_finish_see_every_image_or_an_evenly_spaced_subset(tmp_path, monkeypatch):
+    from genbench.training import loop
+
+    seen = []
+    monkeypatch.setattr(AE, "finish_training", lambda self, x: seen.append(x.clone()))
+    u8 = _uint8_dataset()
+    train_run("ae", u8, tmp_path / "all", sets=TINY, progress=False)
+    assert torch.equal(seen[-1], u8.train)  # all of them, as float32
+    monkeypatch.setattr(loop, "FULL_SET_BYTES", 4 * 64 * 50)  # room for 50 of the 256 float32 8x8 images
+    train_run("ae", u8, tmp_path / "some", sets=TINY, progress=False)
+    assert torch.equal(seen[-1], u8.train[torch.arange(50) * 256 // 50])
+
+
+def test_a_shard_given_to_one_process_is_refused(tmp_path):
+    from genbench.data import load_dataset
+
+    half = load_dataset("digits", limit=256, shard=(0, 2))
+    with pytest.raises(GenbenchError, match=r"128 images given as process 0's shard of 256, which holds 256: "
+                                            r"load the dataset with shard=\(0, 1\)"):
+        train_run("ae", half, tmp_path / "r", sets=TINY, progress=False)

@@ -2,7 +2,9 @@
 
 ``fashion-mnist`` / ``mnist``: the four IDX files (raw or .gz) of LeCun et al. (1998) /
 Xiao et al. (2017), 60000 train / 10000 test, 1x28x28, pixels /255. Raw arrays (uint8 pixels as
-stored on disk) are memoized per process, keyed on each file's path, size and mtime.
+stored on disk) are memoized per process, keyed on each file's path, size and mtime. The dataset
+keeps them as uint8 at the native size; another ``image_size`` is reached in float32 (kept so: the
+resized values are not multiples of 1/255).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from genbench.errors import GenbenchError
 from genbench.limits import check_memory
 from genbench.utils import exists
 
-from .container import ImageDataset, labels_tensor, resize, to_unit_tensor
+from .container import (ImageDataset, labels_tensor, pixels_tensor, resize, shard_rows,
+                        to_unit_tensor)
 
 ENV_VAR = "GENBENCH_DATA"
 SYSTEM_DIRS = {
@@ -212,7 +215,8 @@ def _load_idx_split(name: str, images_path: Path, labels_path: Path, limit: int 
     return images[:limit], labels[:limit]
 
 
-def load_idx_dataset(name: str, data_dir, image_size: int | None, limit: int | None) -> ImageDataset:
+def load_idx_dataset(name: str, data_dir, image_size: int | None, limit: int | None,
+                     shard: tuple[int, int] | None = None) -> ImageDataset:
     root, origin = _data_root(name, data_dir)
     directory = default_data_dir(name, data_dir)
     files = _find_idx_files(directory) if directory.is_dir() else dict.fromkeys(IDX_STEMS)
@@ -224,11 +228,19 @@ def load_idx_dataset(name: str, data_dir, image_size: int | None, limit: int | N
         raise GenbenchError(
             f"{name}: train images are {train_x.shape[1:]} but test images are {test_x.shape[1:]} in {directory}"
         )
+    native = not exists(image_size) or train_x.shape[1:] == (image_size, image_size)
+    num_train, rows = len(train_x), shard_rows(len(train_x), shard)
+    train_x, train_y = train_x[rows], train_y[rows]
+
+    def pixels(x):
+        return pixels_tensor(x) if native else resize(to_unit_tensor(x, 255.0), image_size)
+
     return ImageDataset(
         name=name,
-        train=resize(to_unit_tensor(train_x, 255.0), image_size),
-        test=resize(to_unit_tensor(test_x, 255.0), image_size),
+        train_pixels=pixels(train_x),
+        test_pixels=pixels(test_x),
         train_labels=labels_tensor(train_y),
         test_labels=labels_tensor(test_y),
         num_classes=10,
+        train_total=num_train if exists(shard) else None,
     )

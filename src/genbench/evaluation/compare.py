@@ -160,7 +160,7 @@ def fd_probe_sets(model: str, dataset_name: str, shape, preset: str, sets: list[
 
 def _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested, num_samples, eval_limit, seed, device,
                     jobs, progress, replace, sampler_sweep, plans) -> dict:
-    eval_limit = eval_limit or min(len(ds.test), 2000)
+    eval_limit = eval_limit or min(len(ds.test_pixels), 2000)
     t0 = time.perf_counter()
     for m in models:  # before any work: a folder made by another request is never reused silently
         run = RunFolder(out / m)
@@ -182,7 +182,7 @@ def _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested,
         train_in_processes(pending, dataset, ds.shape, out, preset, per_model_sets, jobs, progress=progress)
 
     ctx = EvalContext(ds, feats, num_samples=num_samples, eval_limit=eval_limit, seed=seed)
-    rows = [ctx.reference_row("train set (floor)", ds.train), ctx.reference_row("uniform noise (ceiling)", None)]
+    rows = [ctx.reference_row("train set (floor)", ds.train_pixels), ctx.reference_row("uniform noise (ceiling)", None)]
     for m in models:
         run_dir = out / m
         print(f"[compare] {m}: train (or reuse) in {run_dir}", flush=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from genbench.data import unit_float
 from genbench.images import make_grid, png_bytes
 from genbench.models.base import GenerativeModel
 from genbench.training.run_folder import RunFolder
@@ -31,7 +32,7 @@ class EvalContext:
 
     def __init__(self, ds, feats, num_samples: int, eval_limit: int, seed: int = 0):
         self.ds, self.feats, self.num_samples, self.seed = ds, feats, num_samples, seed
-        self.test = ds.test[:eval_limit]
+        self.test = ds.float_images("test", slice(0, eval_limit))
         # the real side of FD/KID/PRDC: all test images
         self.real_feats = feats.features(ds.test)
         self._test_feats = None  # features of self.test, for the reconstruction FD
@@ -63,12 +64,14 @@ class EvalContext:
         return metrics.frechet_distance(self.feats.features(rec), self._test_feats)
 
     def reference_row(self, name: str, pool: torch.Tensor | None) -> dict:
+        """Metrics of `num_samples` images drawn from `pool` (images, uint8 or float32: e.g. the
+        train set's pixels), or of uniform noise when `pool` is None."""
         g = torch.Generator().manual_seed(self.seed)
         if pool is None:
             images = torch.rand((self.num_samples, *self.ds.shape), generator=g)
         else:
             idx = torch.randperm(len(pool), generator=g)[: self.num_samples]
-            images = pool[idx]
+            images = unit_float(pool[idx])
         return {"name": name, "kind": "reference", **self.sample_metrics(images)}
 
     # ---- one trained model

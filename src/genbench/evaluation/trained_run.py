@@ -75,7 +75,7 @@ class TrainedRun:
     def reconstruct_test(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first n test images and their reconstructions."""
         self._require_reconstruction()
-        x = self.dataset().test[:n].to(self.device)
+        x = self.dataset().float_images("test", slice(0, n)).to(self.device)
         return x, self.model.reconstruct(x)
 
     @torch.no_grad()
@@ -84,10 +84,7 @@ class TrainedRun:
         the training summary, on the first `limit` test images; written to `out` (default
         RUN/eval.json)."""
         check_seed(seed)
-        test = self.dataset().test
-        if limit:
-            test = test[:limit]
-        test = test.to(self.device)
+        test = self.dataset().float_images("test", slice(0, limit or None)).to(self.device)
         result = {"model": self.name, "dataset": self.info["dataset"]["name"], "num_test_images": len(test)}
         if self.model.has_reconstruction:
             rec = torch.cat([self.model.reconstruct(x) for x in test.split(500)])

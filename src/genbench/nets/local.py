@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,22 +29,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
-from genbench.files import atomic_write_bytes, sha256
-from genbench.utils import exists
+# cache_root lives with the other file helpers (the data layer's folder cache uses it too)
+from genbench.files import CACHE_ENV_VAR, atomic_write_bytes, cache_root, sha256  # noqa: F401
 
-CACHE_ENV_VAR = "GENBENCH_CACHE"
 TRAIN_THREADS = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-
-
-def cache_root(kind: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir`` when given, else ``$GENBENCH_CACHE/<kind>``, else ``~/.cache/genbench/<kind>``."""
-    if exists(cache_dir):
-        return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV_VAR, "").strip()
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "genbench"
-    return root / kind
 
 
 def weights_bytes(model: nn.Module) -> bytes:

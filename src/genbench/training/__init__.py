@@ -9,7 +9,7 @@
 """
 
 from .config import TrainConfig
-from .run import resolve_configs, train_run
+from .run import load_training_data, resolve_configs, train_run
 from .run_folder import RunFolder
 
-__all__ = ["RunFolder", "TrainConfig", "resolve_configs", "train_run"]
+__all__ = ["RunFolder", "TrainConfig", "load_training_data", "resolve_configs", "train_run"]

@@ -343,6 +343,27 @@ def share_tensors(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Te
     return tensors
 
 
+def all_gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's `local` rows (one dtype and row shape; the counts may differ) concatenated in
+    rank order, on the CPU of every rank: the counts in one all-reduce, then one broadcast per rank.
+    One process: `local` itself."""
+    if _world.world_size == 1:
+        return local
+    counts = torch.zeros(_world.world_size, dtype=torch.int64)
+    counts[_world.rank] = local.shape[0]
+    dist.all_reduce(counts)
+    parts = []
+    for src, count in enumerate(counts.tolist()):
+        if src == _world.rank:
+            part = local.detach().to("cpu").contiguous()
+        else:
+            part = torch.empty((count, *local.shape[1:]), dtype=local.dtype)
+        if count:
+            dist.broadcast(part, src=src)
+        parts.append(part)
+    return torch.cat(parts)
+
+
 def on_main(fn: Callable[[], T], what: str, share: bool = False) -> T | None:
     """Run `fn` on rank 0 only; every other rank learns whether it failed and then fails too.
 

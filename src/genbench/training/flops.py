@@ -45,17 +45,22 @@ def count_step_flops(model: GenerativeModel, stage: str, batch: torch.Tensor, st
 
 
 class StepFlops:
-    """FLOPs per training step, counted at the first step of each (stage, phase) and reused."""
+    """FLOPs per training step, counted at the first step of each (stage, phase) and reused.
+
+    `global_batch`: the step's images over all processes, when this process holds only some of them
+    (torchrun): a step's FLOPs are proportional to its images, so the count on this process's
+    `batch` is scaled to the global batch (exact with one process)."""
 
     def __init__(self, model: GenerativeModel, bf16: bool = False):
         self.model, self.bf16 = model, bf16
-        self.counted: dict[tuple[str, int], int] = {}
+        self.counted: dict[tuple[str, int], tuple[int, int]] = {}  # key -> (FLOPs, images counted on)
 
-    def __call__(self, stage: str, step: int, batch: torch.Tensor) -> int:
+    def __call__(self, stage: str, step: int, batch: torch.Tensor, global_batch: int | None = None) -> int:
         key = (stage, self.model.flops_phase(stage, step))
         if key not in self.counted:
-            self.counted[key] = count_step_flops(self.model, stage, batch, step, self.bf16)
-        return self.counted[key]
+            self.counted[key] = (count_step_flops(self.model, stage, batch, step, self.bf16), batch.shape[0])
+        flops, images = self.counted[key]
+        return flops if global_batch is None else flops * global_batch // images
 
 
 def stage_flops(model: GenerativeModel, stage: str, steps: int, batch: torch.Tensor) -> int:

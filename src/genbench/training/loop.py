@@ -13,11 +13,17 @@ tests/training/test_faults.py after SIGKILLs at random moments). The checkpoint 
 genbench.training.checkpoint, the run folder's to genbench.training.run_folder.
 
 Several processes (`torchrun --nproc_per_node=N -m genbench train ...`, see docs/distributed.md
-and genbench.training.distributed): every rank holds the full training set and the same model; rank r
-takes the r-th slice of each global batch of `batch_size` images, gradients are averaged across
-ranks after each optimizer group's backward, buffers follow rank 0, and rank 0 alone reads and
-writes the run folder. The global batch, the data order and the learning-rate schedule are those
-of a one-process run, so a checkpoint resumes with any number of processes.
+and genbench.training.distributed): every rank holds the same model and only its shard of the
+training set (a contiguous block of rows, genbench.data.shard_range). Every rank draws the same
+global batch of `batch_size` image indices and trains on those that lie in its shard, its loss
+weighted by its share of the batch (n_r * W / batch_size), so that the average of the ranks'
+gradients is the gradient of the global-batch mean; gradients are averaged after each optimizer
+group's backward, buffers follow rank 0, and rank 0 alone reads and writes the run folder. The
+global batch, the data order and the learning-rate schedule are those of a one-process run, so a
+checkpoint resumes with any number of processes.
+
+Images may be uint8 (p / 255) or float32: a batch is converted to float32 in [0, 1] when it is
+drawn (genbench.data.unit_float), so a dataset costs 1 byte a pixel, not 4.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from genbench.data import shard_range, unit_float
 from genbench.errors import GenbenchError
 from genbench.models.base import GenerativeModel, load_state
 from genbench.utils import autocast, bf16_effective
@@ -44,6 +51,10 @@ from .checkpoint import (check_like, check_position, checkpoint_name, has_checkp
 from .config import TrainConfig, check_world, lr_at
 from .flops import StepFlops
 from .run_folder import RunFolder, TrainingLog
+
+
+# prepare_stage and finish_training see every training image as float32 up to this size (see _full_set)
+FULL_SET_BYTES = 2**30
 
 
 class TrainingDiverged(GenbenchError):
@@ -126,13 +137,15 @@ class Session:
     """What stays the same while one `train` call goes through the stages."""
 
     model: GenerativeModel
-    data: torch.Tensor  # the training images, on the device
+    data: torch.Tensor  # this process's training images (uint8 or float32), on the device
     device: torch.device
     run: RunFolder
     log: TrainingLog | None  # rank 0 only
     summary: dict = field(default_factory=lambda: {"stages": {}})
     progress: bool = True
     interrupt_at: int | None = None
+    num_images: int = 0  # the whole training set, of which `data` holds rows first_row .. first_row + len(data)
+    first_row: int = 0
     step_flops: StepFlops | None = None
     # quality probe (genbench.evaluation.probe): model -> {"fd": ...}, called every cfg.fd_every steps
     # of the last stage on a copy of the model as it would be exported then
@@ -165,13 +178,17 @@ def train(
     progress: bool = True,
     interrupt_at: int | None = None,
     probe: Callable[[GenerativeModel], dict] | None = None,
+    num_images: int | None = None,
 ) -> dict:
     """Train `model` through all its stages inside `run_dir`, resuming from its latest checkpoint.
 
-    Under torchrun every process calls this with the full training set; each takes its slice of
-    every global batch, gradients are averaged across processes and only rank 0 touches `run_dir`
-    (see genbench.training.distributed). Returns a summary dict (wall time, images/s per stage,
-    peak memory, device, training FLOPs and CPU seconds). `interrupt_at` (tests only) raises
+    `train_images`: (N, C, H, W), uint8 pixels p standing for p / 255 or float32 in [0, 1]; the
+    whole training set, or with `num_images` this process's shard of a set of `num_images` (the
+    rows `shard_range(num_images, rank, world)`, as `load_dataset(shard=...)` gives them). Under
+    torchrun every process calls this; each trains on the images of every global batch that lie
+    in its shard, gradients are averaged across processes and only rank 0 touches `run_dir` (see
+    genbench.training.distributed). Returns a summary dict (wall time, images/s per stage, peak
+    memory, device, training FLOPs and CPU seconds). `interrupt_at` (tests only) raises
     `Interrupted` right after the checkpoint of that global step is written.
 
     Training compute: every step adds its FLOPs (counted once per kind of step, genbench.training.flops)
@@ -185,7 +202,16 @@ def train(
     world = distributed.init()
     device = distributed.select_device(cfg.device)
     stages = tuple(model.stages)
-    check_world(cfg, stages, train_images.shape[0], world.world_size)
+    n = train_images.shape[0] if num_images is None else num_images
+    start, stop = shard_range(n, world.rank, world.world_size)
+    if num_images is None:
+        train_images = train_images[start:stop]  # given the whole set: this process keeps its shard
+    elif train_images.shape[0] != stop - start:
+        raise GenbenchError(
+            f"train: {train_images.shape[0]} images given as process {world.rank}'s shard of {n}, which holds "
+            f"{stop - start}: load the dataset with shard=({world.rank}, {world.world_size})"
+        )
+    check_world(cfg, stages, n, world.world_size)
     model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -193,7 +219,7 @@ def train(
         raise GenbenchError("train config: fd_every > 0 needs a quality probe (genbench.evaluation.probe.FDProbe; "
                             "`genbench train --fd-every N` makes one)")
     session = Session(model, train_images.to(device), device, run, log=None, progress=progress,
-                      interrupt_at=interrupt_at, probe=probe,
+                      interrupt_at=interrupt_at, num_images=n, first_row=start, probe=probe,
                       step_flops=StepFlops(model, bf16=bf16_effective(device, cfg.bf16)))
 
     def read_and_prepare():  # rank 0 alone reads the checkpoint and writes the log
@@ -218,13 +244,13 @@ def train(
             resuming = meta is not None and stage == meta["stage"]
             state = _resume_stage(session, stage, scfg, meta, tensors) if resuming else _start_stage(session, stage, scfg)
             state.global_offset = _global_step(cfg, stages, stage, 0)
-            _train_stage(session, state, last=stage == stages[-1])
+            _train_stage(session, state, last_stage=stage == stages[-1])
             if state.ema is not None:
                 state.ema.copy_to(model)  # later stages (and the export) continue from the averaged weights
         model.eval()
         torch.manual_seed(rng_seed(cfg.seed, "finish"))
         with torch.no_grad():
-            model.finish_training(session.data)
+            model.finish_training(_full_set(session))
         distributed.broadcast_module_(model)
     finally:
         if session.log is not None:
@@ -240,6 +266,24 @@ def train(
     return summary
 
 
+def _full_set(session: Session) -> torch.Tensor:
+    """The training images prepare_stage and finish_training see, float32 on the device: all of them,
+    as always, when that takes at most FULL_SET_BYTES (every dataset genbench ships: Fashion-MNIST is
+    188 MB), else an evenly spaced subset of that size (the 90,000 training images of a 100,000-image
+    64x64 colour folder would take 4.4 GB). The models estimate statistics from these images (a
+    variance, a latent Gaussian, a codebook initialisation, a latent scale; VQ-GAN trains its small
+    perceptual network on them), for which 20,000 images serve about as well. The subset is the same
+    for any number of processes: each contributes the rows of its shard, and all receive all of them."""
+    n, data, first = session.num_images, session.data, session.first_row
+    m = min(n, max(1, FULL_SET_BYTES // (4 * data[0].numel())))
+    index = torch.arange(m) * n // m  # evenly spaced and sorted, so the rank order is the index order
+    if len(data) == n:  # one process: convert straight from the data
+        return unit_float(data, None if m == n else index.to(data.device))
+    index = index[(index >= first) & (index < first + len(data))] - first
+    mine = data.index_select(0, index.to(data.device))
+    return unit_float(distributed.all_gather_rows(mine)).to(session.device)
+
+
 def _global_step(cfg: TrainConfig, stages: tuple[str, ...], stage: str, step: int) -> int:
     """Steps of the stages before `stage`, plus `step`: the position in the whole run."""
     return sum(cfg.for_stage(s).steps for s in stages[: stages.index(stage)]) + step
@@ -250,7 +294,7 @@ def _start_stage(session: Session, stage: str, cfg: TrainConfig) -> StageState:
     optimizers = make_optimizers(model, stage, cfg)
     torch.manual_seed(rng_seed(cfg.seed, stage, "prepare"))  # the same on every rank
     with torch.no_grad():
-        model.prepare_stage(stage, session.data)
+        model.prepare_stage(stage, _full_set(session))
     distributed.broadcast_module_(model)  # identical on all ranks, even after nondeterministic kernels
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None  # after prepare_stage: it may set weights
     return StageState(stage, cfg, 0, optimizers, ema, global_offset=0)
@@ -276,12 +320,11 @@ def _resume_stage(session: Session, stage: str, cfg: TrainConfig, meta: dict, te
                       flops=int(done.get("flops", 0)))
 
 
-def _train_stage(session: Session, st: StageState, last: bool = True) -> None:
+def _train_stage(session: Session, st: StageState, last_stage: bool = True) -> None:
     model, data, device, cfg, stage = session.model, session.data, session.device, st.cfg, st.name
     world, rank = distributed.world_size(), distributed.rank()
-    n = data.shape[0]
-    bs = min(cfg.batch_size, n)  # the global batch; each of the `world` ranks takes bs // world of it
-    local = bs // world
+    n, first, last = session.num_images, session.first_row, session.first_row + data.shape[0]
+    bs = min(cfg.batch_size, n)  # the global batch; each rank trains on its part of it
     batches_per_epoch = n // bs
     bf16 = bf16_effective(device, cfg.bf16)
     # each epoch's order is a pure function of (seed, stage, epoch): nothing to restore on resume
@@ -296,7 +339,7 @@ def _train_stage(session: Session, st: StageState, last: bool = True) -> None:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     overhead = [0.0, 0.0]  # wall and CPU seconds of FLOP counting and probes: not training
     earlier_flops = sum(s.get("flops", 0) for name, s in session.summary["stages"].items() if name != stage)
-    probing = last and session.probe is not None and cfg.fd_every > 0
+    probing = last_stage and session.probe is not None and cfg.fd_every > 0
 
     def spent() -> tuple[float, float]:
         return (st.elapsed + time.perf_counter() - t_start - overhead[0],
@@ -308,12 +351,16 @@ def _train_stage(session: Session, st: StageState, last: bool = True) -> None:
             epoch, pos = divmod(step, batches_per_epoch)
             if epoch != perm_epoch:
                 gen = torch.Generator().manual_seed((stage_seed * 100_003 + epoch) % 2**63)
-                perm, perm_epoch = torch.randperm(n, generator=gen).to(device), epoch
-            # rank r takes the r-th contiguous slice of the global batch (a DistributedSampler per batch)
-            idx = perm[pos * bs + rank * local: pos * bs + (rank + 1) * local]
-            batch = data.index_select(0, idx)
+                perm, perm_epoch = torch.randperm(n, generator=gen), epoch
+            # every rank draws the global batch and keeps the images in its shard: all of them with one process
+            idx = perm[pos * bs: (pos + 1) * bs]
+            idx = idx[(idx >= first) & (idx < last)] - first
+            share = len(idx) * world / bs  # the weight that makes the mean over ranks the global-batch mean
+            if len(idx) == 0:  # none of this batch is in this shard: run one image with weight 0 (it adds nothing)
+                idx = torch.zeros(1, dtype=torch.int64)
+            batch = unit_float(data, idx.to(device))
             w0, c0 = time.perf_counter(), time.process_time()
-            st.flops += world * session.step_flops(stage, step, batch)  # counted once per kind of step
+            st.flops += session.step_flops(stage, step, batch, global_batch=bs)  # counted once per kind of step
             overhead[0] += time.perf_counter() - w0
             overhead[1] += time.process_time() - c0
             torch.manual_seed(rng_seed(cfg.seed, stage, step, rank))
@@ -328,6 +375,8 @@ def _train_stage(session: Session, st: StageState, last: bool = True) -> None:
             losses = {}
             for i, g in enumerate(names):
                 loss = out["loss"] if g == "main" else out[f"loss_{g}"]
+                if world > 1:
+                    loss = loss * share
                 params = [p for grp in st.optimizers[g].param_groups for p in grp["params"]]
                 loss.backward(inputs=params, retain_graph=i < len(names) - 1)
                 # the mean over ranks of per-rank mean gradients = the gradient of the global-batch mean
@@ -354,7 +403,8 @@ def _train_stage(session: Session, st: StageState, last: bool = True) -> None:
                 now = time.perf_counter()
                 ips = window_steps * bs / max(now - window_t, 1e-9)
                 window_t, window_steps = now, 0
-                scalars = {k: v for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+                scalars = {k: v * share if world > 1 else v  # weighted like the losses
+                           for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
                 values = distributed.all_reduce_mean(scalars)  # global-batch means (per-sample means average exactly)
                 record = {"stage": stage, "step": step, "global_step": st.global_offset + step, "lr": lr,
                           "images_per_s": round(ips, 2), "train_flops": earlier_flops + st.flops, **values}
@@ -394,6 +444,7 @@ def _probe(session: Session, st: StageState) -> dict:
     """The probe's result on a copy of the model as it would be exported now: the EMA weights, eval
     mode, finish_training (e.g. the AE's latent Gaussian). The training model, its RNG streams and
     the data order are untouched (the global RNG is re-seeded before every step anyway)."""
+    images = _full_set(session)  # a collective under torchrun: every rank takes part
     if distributed.rank() != 0:
         return {}
     model = copy.deepcopy(session.model)
@@ -402,7 +453,7 @@ def _probe(session: Session, st: StageState) -> dict:
     model.eval()
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(rng_seed(st.cfg.seed, st.name, st.step, "probe"))
-        model.finish_training(session.data)
+        model.finish_training(images)
         result = session.probe(model)
     return result
 

@@ -129,6 +129,17 @@ def _resumable(key: str) -> bool:
         parts[0] == "train" and parts[-1] in RESUMABLE_FIELDS and (len(parts) == 2 or parts[1] == "stages"))
 
 
+def load_training_data(spec: DatasetSpec, progress: bool = True) -> ImageDataset:
+    """The dataset of `spec` as this process trains on it: under torchrun only its shard of the
+    training images (each process reads and holds 1/W of them). Rank 0 loads first, so that a folder
+    is decoded into the cache once, not by every process at the same time; the others then read
+    their shard from the cache (or all stop with rank 0's error)."""
+    world = distributed.init()
+    shard = (world.rank, world.world_size) if world.world_size > 1 else None
+    ds = distributed.on_main(lambda: spec.load(shard=shard, progress=progress), what=f"loading dataset {spec.name}")
+    return ds if ds is not None else spec.load(shard=shard, progress=False)
+
+
 def train_run(model_name: str, dataset: ImageDataset, run_dir: str | os.PathLike, preset: str | None = None,
               sets: list[str] | tuple | None = None, resume: bool = False, progress: bool = True,
               interrupt_at: int | None = None, dataset_spec: DatasetSpec | None = None,
@@ -152,7 +163,7 @@ def train_run(model_name: str, dataset: ImageDataset, run_dir: str | os.PathLike
     spec = dataset_spec or dataset.spec or DatasetSpec(dataset.name)
     if not run.exists():  # a new run's request is checked before its folder is created
         _, train_cfg = resolve_configs(model_name, dataset.name, dataset.shape, preset or "quick", sets or ())
-        check_world(train_cfg, tuple(cls.stages), dataset.train.shape[0], world.world_size)
+        check_world(train_cfg, tuple(cls.stages), dataset.num_train, world.world_size)
     lock = distributed.on_main(run.lock, what=f"locking the run folder {run.path}")  # rank 0 owns the folder
     try:
         return _train_locked(run, cls, model_name, dataset, spec, preset, sets, resume, progress, interrupt_at, world,
@@ -195,10 +206,10 @@ def _train_locked(run: RunFolder, cls, model_name, dataset, spec, preset, sets, 
             check_training_memory(cls, model_cfg, f"{run.run_json}: model_config")
             train_cfg = from_dict(TrainConfig, info["train_config"], where=f"{run.run_json}: train_config")
             check_stage_names(train_cfg, model_name, tuple(cls.stages))
-            check_world(train_cfg, tuple(cls.stages), dataset.train.shape[0], world.world_size)
+            check_world(train_cfg, tuple(cls.stages), dataset.num_train, world.world_size)
             return info
         model_cfg, train_cfg = resolve_configs(model_name, dataset.name, dataset.shape, preset or "quick", sets or ())
-        check_world(train_cfg, tuple(cls.stages), dataset.train.shape[0], world.world_size)
+        check_world(train_cfg, tuple(cls.stages), dataset.num_train, world.world_size)
         ensure_writable_folder(run.path, "run folder")
         info = {
             "model": model_name,
@@ -208,6 +219,7 @@ def _train_locked(run: RunFolder, cls, model_name, dataset, spec, preset, sets, 
             "model_config": to_dict(model_cfg),
             "train_config": to_dict(train_cfg),
             "status": "running",
+            **({"classes": list(dataset.class_names)} if dataset.class_names else {}),  # label i names classes[i]
             "genbench_version": __version__,
             "torch_version": torch.__version__,
         }
@@ -221,8 +233,8 @@ def _train_locked(run: RunFolder, cls, model_name, dataset, spec, preset, sets, 
     train_cfg = from_dict(TrainConfig, info["train_config"], where=f"{run.run_json}: train_config")
     torch.manual_seed(train_cfg.seed)  # model initialisation is part of the run's seed (the same on every rank)
     model = cls(model_cfg)
-    summary = train(model, dataset.train, train_cfg, run.path, progress=progress, interrupt_at=interrupt_at,
-                    probe=probe)
+    summary = train(model, dataset.train_pixels, train_cfg, run.path, progress=progress, interrupt_at=interrupt_at,
+                    probe=probe, num_images=dataset.train_total)  # None: the whole set, which train() shards itself
     summary["parameters"] = count_parameters(model)
     model.eval()
 
