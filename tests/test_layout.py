@@ -152,7 +152,8 @@ def test_each_file_of_a_run_is_named_by_its_owner_alone(literal, owner):
 
 
 CONTRACT = {"stages", "reconstruct", "encode", "decode", "encode_latents", "decode_latents", "evaluate",
-            "prepare_stage", "finish_training", "optimizer_groups", "PRESETS", "DATASET_PRESETS", "FAMILY"}
+            "prepare_stage", "finish_training", "optimizer_groups", "PRESETS", "DATASET_PRESETS", "FAMILY",
+            "posterior", "codebook_size", "diffusion_to_images"}
 
 
 def test_the_model_contract_is_called_not_probed():

@@ -415,6 +415,30 @@ def test_generator_draws_only_x_T_and_clipping_bounds_the_output(fn):
     assert narrow.min() >= -0.5 and narrow.max() <= 0.25
 
 
+@pytest.mark.parametrize("name,steps,eta", [("ddpm", 1, 1.0), ("ddim", 12, 0.0), ("ddim", 12, 1.0),
+                                           ("dpm++2m", 9, 0.0), ("heun", 9, 0.0)])
+def test_step_callback_sees_the_trajectory_and_changes_nothing(name, steps, eta):
+    """The callback is called once per grid timestep (Heun: per level) with the timestep, the state the
+    network read and its (clipped) x0_hat; the first state is x_T, the last x0_hat is the sample, and
+    the output and the noise drawn are those of the same run without a callback."""
+    d = make(T=50)
+    oracle = GaussianOracle(d.alphas_cumprod.numpy(), M, S)
+    config = SamplerConfig(name, steps, eta)
+    seen = []
+    run = [sample(d, oracle, (64, 4), config, generator=torch.Generator().manual_seed(5), clip_x0=(-1.0, 1.0),
+                  callback=cb) for cb in (None, lambda t, x, x0: seen.append((t, x.clone(), x0.clone())))]
+    assert torch.equal(run[0], run[1])
+    expected_t = list(range(49, -1, -1)) if name == "ddpm" else grid(d, name, steps, config.resolved_spacing()).tolist()
+    assert [t for t, _, _ in seen] == expected_t
+    x_T = gaussian_noise((64, 4), torch.Generator().manual_seed(5), torch.device("cpu"), torch.float32)
+    assert torch.equal(seen[0][1], x_T)
+    assert all(x0.abs().max() <= 1 for _, _, x0 in seen)  # what the sampler used: clipped
+    # the sampler's last update returns x0_hat (DDPM: posterior mean coefficients 1 and 0 at t = 0, up to rounding)
+    torch.testing.assert_close(seen[-1][2], run[0], rtol=0, atol=1e-6)
+    # with the oracle the early x0_hat are near the data mean, the last ones spread like the data
+    assert seen[0][2].std(0).mean() < seen[-1][2].std(0).mean()
+
+
 # ---------------------------------------------------------------------------------------------
 # (d) argument errors
 

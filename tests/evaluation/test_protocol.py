@@ -21,7 +21,9 @@ import torch
 from PIL import Image
 
 from genbench.evaluation.features import get_feature_network
-from genbench.evaluation.protocol import EvalContext, count_network_calls, latent_interpolation, loss_stability
+from genbench.evaluation.latents import posterior_summary
+from genbench.evaluation.protocol import (GRID_SIDE, EvalContext, count_network_calls, latent_interpolation,
+                                          loss_stability)
 from genbench.evaluation.report import COLUMNS, qualitative_rows
 from genbench.images import make_grid
 from genbench.models import GenerativeModel, get_model_class
@@ -69,8 +71,13 @@ ROW_KEYS = {
     "class_entropy", "class_coverage", "class_histogram", "memorization_ratio", "memorization_fraction_closer",
     "network_calls_per_sample", "mse", "psnr", "ssim", "recon_fd", "bits_per_dim", "bpd_estimator", "model_eval",
     "parameters", "train_wall_time_s", "train_images_per_s", "peak_memory_mb", "sample_ms_per_image", "device",
-    "curves", "stability", "images_png", "family", "train_cpu_time_s", "train_flops", "quality_curve",
+    "curves", "stability", "images_png", "family", "latent_shape", "train_cpu_time_s", "train_flops",
+    "quality_curve",
 }
+# what a row adds by its model's capabilities (base.py): the numbers behind the family's picture
+CAPABILITY_KEYS = {"has_sampler": {"sampler", "fd_by_sampler", "trajectory"}, "has_posterior": {"latent_space"},
+                   "has_codebook": {"codebook"}}
+PICTURES = {"has_posterior": "latent_space", "has_codebook": "codebook", "has_sampler": "trajectory"}
 SAMPLE_KEYS = ["fd", "kid", "kid_std", "precision", "recall", "density", "coverage", "class_entropy",
                "class_coverage", "class_histogram", "memorization_ratio", "memorization_fraction_closer"]
 RECON_KEYS = ["mse", "psnr", "ssim", "recon_fd"]
@@ -113,7 +120,7 @@ def _png(data: bytes) -> np.ndarray:
 
 
 def _grid(images: torch.Tensor) -> np.ndarray:
-    return make_grid(images, nrow=8)[..., 0]  # 1 channel: png_bytes writes it as a grey image
+    return make_grid(images, nrow=8, min_side=GRID_SIDE)[..., 0]  # 1 channel: png_bytes writes it as a grey image
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +131,7 @@ def _grid(images: torch.Tensor) -> np.ndarray:
 def test_row_keys_kinds_and_record(name, rows, runs):
     row, record = rows[name], _record(runs, name)
     cls = get_model_class(name)
-    assert set(row) == ROW_KEYS | ({"sampler", "fd_by_sampler"} if cls.has_sampler else set())
+    assert set(row) == ROW_KEYS.union(*(keys for cap, keys in CAPABILITY_KEYS.items() if getattr(cls, cap)))
     if cls.has_sampler:  # without a sweep: the one point of the row's own sampler
         assert row["fd_by_sampler"] == [{"sampler": "dpm++2m", "spacing": "logsnr", "steps": row["network_calls_per_sample"]["unet"],
                                          "network_calls": row["network_calls_per_sample"]["unet"], "fd": row["fd"],
@@ -184,6 +191,7 @@ def test_images_are_the_models_samples_reconstructions_and_interpolations(name, 
     row, model = rows[name], _model(runs, name)
     expected = {"samples", "reconstructions" if model.has_reconstruction else None,
                 "interpolations" if model.has_latent_space else None} - {None}
+    expected |= {key for cap, key in PICTURES.items() if getattr(model, cap)}
     assert set(row["images_png"]) == expected
     with torch.no_grad():
         samples = model.sample(NUM_SAMPLES, generator=torch.Generator().manual_seed(SEED)).float().clamp(0, 1)
@@ -197,6 +205,39 @@ def test_images_are_the_models_samples_reconstructions_and_interpolations(name, 
             path = latent_interpolation(model, ctx.test[:8], steps=8)
             assert path.shape == (32, *ctx.test.shape[1:])  # 4 pairs x 8 steps
             np.testing.assert_array_equal(_png(row["images_png"]["interpolations"]), _grid(path))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_family_pictures_hold_the_models_own_numbers(name, rows, runs, ctx):
+    """The picture of each family decodes, and the numbers behind it are the model's, recomputed here:
+    the VAE's posterior means, the VQ models' codes of the test images and their run's quantizer log,
+    the diffusion models' sampler grid."""
+    row, model = rows[name], _model(runs, name)
+    for key in PICTURES.values():
+        if key in row["images_png"]:
+            assert _png(row["images_png"][key]).shape[1] <= 1000  # fits a laptop page
+    with torch.no_grad():
+        if model.has_posterior:
+            ref = posterior_summary(model, ctx.test)
+            assert {k: row["latent_space"][k] for k in ("active_units", "latent_dims", "unit_variances")} == {
+                k: ref[k] for k in ("active_units", "latent_dims", "unit_variances")}
+            assert row["latent_space"]["latent_dims"] == 4  # SETS: latent_dim=4
+        if model.has_codebook:
+            book = row["codebook"]
+            assert book["counts"] == torch.bincount(model.encode(ctx.test).reshape(-1), minlength=16).tolist()
+            log = [json.loads(line) for line in (runs[name] / "log.jsonl").read_text().splitlines()]
+            quantizer = [r for r in log if r["stage"] == "autoencoder"]
+            assert book["training"]["step"] == list(range(1, 31)) == [r["step"] for r in quantizer]
+            assert book["training"]["perplexity"] == [r["perplexity"] for r in quantizer]
+            assert book["training"]["unused_codes"] == [round(16 * (1 - r["window_usage"])) for r in quantizer]
+        if model.has_sampler:
+            seen = []
+            model.sample(1, callback=lambda t, x, x0: seen.append(t))
+            assert row["trajectory"] == {"t": seen, "space": "latent" if model.has_latent_space else "pixels"}
+    shape = {"ae": "4 continuous", "vae": "4 continuous", "vqvae": "4×4 code indices into 16 codes",
+             "vqgan": "4×4 code indices into 16 codes", "ddpm": "none: noise of the image's shape 1×8×8",
+             "ldm": "1×4×4 continuous"}
+    assert row["latent_shape"] == shape[name]
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -53,7 +53,7 @@ ROWS = [
      "train_wall_time_s": 100.0, "sample_ms_per_image": 5.0, "train_images_per_s": {"main": 1500.0},
      "peak_memory_mb": 12.0, "device": "cpu<1>", "network_calls_per_sample": {"decoder": 1},
      "stability": {"main": {"median_abs_rel_change": 0.01, "max_rel_jump": 0.2, "finite": True}},
-     "family": {"latent": "vector <z>"}, "curves": _curves(3.0, 2.0, 1.0),
+     "family": {"latent": "vector <z>"}, "latent_shape": "4×4 <codes>", "curves": _curves(3.0, 2.0, 1.0),
      "images_png": {"samples": _png(10), "interpolations": _png(20)}},
     {"name": "ae", "kind": "model", "fd": 12.3456, "kid": 0.012345, "precision": 0.5, "recall": 0.25, "density": 0.875,
      "coverage": 0.3, "class_entropy": 0.9, "memorization_ratio": 1.25, "recon_fd": 4.5, "mse": 0.00123456,
@@ -231,7 +231,7 @@ def test_names_with_html_characters_are_escaped_everywhere(doc, result):
     assert [r["cells"][0]["text"] for r in doc.tables["cost"][1:]] == [NASTY, "ae", "ddpm"]
     assert [r["cells"][-1]["text"] for r in doc.tables["cost"][1:]] == ["cpu<1>", "cpu", "None"]
     fam = {r["cells"][0]["text"]: [c["text"] for c in r["cells"]] for r in doc.tables["families"][1:]}
-    assert list(fam) == [NASTY, "ae", "ddpm"] and fam[NASTY][1] == "vector <z>"
+    assert list(fam) == [NASTY, "ae", "ddpm"] and fam[NASTY][1:3] == ["4×4 <codes>", "vector <z>"]
     text = "".join(doc.text)
     assert f"{NASTY}: IWAE bound (k=5) <= -log p & more" in text
     assert "genbench comparison on digits & co" in text
@@ -273,3 +273,73 @@ def test_write_reports_outputs_and_strict_json(result, tmp_path):
     assert rows["ae"]["bits_per_dim"] is None and rows["ae"]["fd"] == 12.3456
     assert rows["ae"]["curves"] == _curves(1.0, 0.5, 0.25)
     assert math.isnan(result["rows"][2]["recall"])  # the result itself is left as it was
+
+
+# ---------------------------------------------------------------------------------------------
+# a synthetic comparison of all six families, drawn by the report's own figure code
+
+
+def six_family_result() -> dict:
+    """A result as run_comparison returns it for the six models, with every image the protocol draws
+    (made by the same functions from random data) and numbers as wide as real ones. The Chromium test
+    of test_compare_report opens it as a reader would."""
+    import torch
+
+    from genbench.evaluation.figures import codebook_png, latent_space_png, latent_tiles, trajectory_png
+    from genbench.evaluation.latents import pca_2d
+    from genbench.evaluation.protocol import GRID_SIDE
+    from genbench.images import make_grid
+    from genbench.models.base import available_models, get_model_class
+
+    g = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+
+    def grid(n):
+        return png_bytes(make_grid(torch.rand(n, 1, 8, 8, generator=g), nrow=8, min_side=GRID_SIDE))
+
+    rows = [dict(ROWS[0], name="train set (floor)"), dict(ROWS[1])]
+    for i, name in enumerate(available_models()):
+        cls = get_model_class(name)
+        r = {**ROWS[3], "name": name, "parameters": 1_257_410 + i, "bits_per_dim": 3.5 + i if i % 2 else None,
+             "curves": _curves(3.0, 2.0, 1.0), "latent_shape": "1×4×4 continuous",
+             "family": {"latent": "a sentence about the latent " * 4}, "images_png": {"samples": grid(64)}}
+        if cls.has_reconstruction:
+            r["images_png"]["reconstructions"] = grid(64)
+        if cls.has_latent_space:
+            r["images_png"]["interpolations"] = grid(32)
+        if cls.has_posterior:
+            r["latent_space"] = {"pca": pca_2d(torch.randn(300, 16, generator=g))[0], "pca_explained": [0.3, 0.2],
+                                 "unit_variances": list(rng.random(16)), "active_units": 16, "latent_dims": 16,
+                                 "active_threshold": 0.01}
+            r["images_png"]["latent_space"] = latent_space_png(r["latent_space"], rng.integers(0, 10, 300))
+        if cls.has_codebook:
+            r["codebook"] = {"codebook_size": 64, "counts": list(range(64)), "perplexity": 50.0, "codes_used": 63,
+                             "usage": 63 / 64, "training": {"step": [1, 2], "perplexity": [3.0, 50.0],
+                                                            "unused_codes": [40, 0]}}
+            r["images_png"]["codebook"] = codebook_png(r["codebook"])
+        if cls.has_sampler:
+            t = list(range(999, -1, -142))
+            pics = [rng.random((8, 8)) for _ in t]
+            tiles = [latent_tiles(rng.standard_normal((4, 4, 4))) for _ in t]
+            latent = cls.has_latent_space
+            r["trajectory"] = {"t": t, "space": "latent" if latent else "pixels"}
+            r["sampler"] = "DPM-Solver++(2M), 10 steps (logsnr)"
+            r["fd_by_sampler"] = [{"sampler": "ddim", "spacing": "trailing", "network_calls": c, "fd": 9.0 / c,
+                                   "sample_ms_per_image": c * 1.5} for c in (5, 10, 20)]
+            r["images_png"]["trajectory"] = trajectory_png(t, [(f"row {k}", tiles if latent and k % 4 < 2 else pics)
+                                                               for k in range(8 if latent else 4)])
+        rows.append(r)
+    return {"protocol_version": 1, "dataset": {"name": "digits"}, "preset": "quick", "num_samples": 1000,
+            "eval_test_images": 360, "seed": 0,
+            "feature_network": {"test_accuracy": 0.9861, "data_hash": "abc", "feature_dim": 128},
+            "rows": rows, "wall_time_s": 242.0}
+
+
+def test_every_family_row_is_filled_from_the_model_and_the_summary_leads():
+    doc = Doc(render_html(six_family_result()))
+    head, *body = doc.tables["families"]
+    assert len(body) == 6
+    assert all(c["text"] and c["text"] != "n/a" for r in body for c in r["cells"][:4]), [
+        [c["text"] for c in r["cells"]] for r in body]
+    text = "".join(doc.text)
+    assert text.index("At a glance") < text.index("Metrics") < text.index("The models, one by one")

@@ -176,6 +176,27 @@ def test_capabilities_are_declared_truthfully(name):
         else:
             with pytest.raises(GenbenchError, match="has no continuous latent space"):
                 model.encode_latents(x)
+        if model.has_posterior:  # q(z|x): a mean and a log-variance of the latent's shape
+            mean, log_var = model.posterior(x)
+            assert mean.shape == log_var.shape == model.encode_latents(x).shape
+        else:
+            with pytest.raises(GenbenchError, match="has no Gaussian posterior"):
+                model.posterior(x)
+        if model.has_codebook:  # code indices of a (B, h, w) grid into codebook_size codes
+            idx = model.encode(x)
+            assert idx.dtype == torch.long and idx.ndim == 3 and 0 <= idx.min() and idx.max() < model.codebook_size
+        else:
+            with pytest.raises(GenbenchError, match="has no codebook"):
+                model.codebook_size
+        if model.has_sampler:  # the callback sees the states; shown as images, the last x0_hat is the sample
+            seen = []
+            again = model.sample(3, generator=torch.Generator().manual_seed(0),
+                                 callback=lambda t, z, z0: seen.append(z0))
+            assert torch.equal(again, samples)
+            torch.testing.assert_close(model.diffusion_to_images(seen[-1]), samples, rtol=0, atol=1e-6)
+        else:
+            with pytest.raises(GenbenchError, match="has no diffusion process"):
+                model.diffusion_to_images(x)
     with pytest.raises(GenbenchError, match=f"{name}: unknown stage 'nope'"):
         model.check_stage("nope")
 

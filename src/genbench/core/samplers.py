@@ -16,15 +16,20 @@ network trained on integer t is only asked about integer t. Every sampler ends a
 its last update returns x0_hat at its last timestep (DDIM's step to abar_prev = 1, diffusers'
 final_sigmas_type="zero", the Euler step to sigma = 0 of Karras et al.).
 
-``SamplerConfig`` is the sampler choice a model records in its config (DDPM and LDM share it);
-``sample`` runs the chosen one.
+``SamplerConfig`` (genbench.core.sampler_config) is the sampler choice a model records in its
+config (DDPM and LDM share it); ``sample`` runs the chosen one.
+
+Every sampler takes an optional ``callback(t, x_t, x0_hat)``, called once per grid timestep (Heun:
+per noise level, at its first network call) with the integer timestep, the state the network read
+and its estimate of x0 (clipped where the sampler clips): the trajectory the report draws. It
+changes nothing in the run (no RNG draw, no copy unless the callback makes one), and the x0_hat
+of the last call is the sampler's output.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -33,102 +38,12 @@ from tqdm.auto import tqdm
 from genbench.errors import GenbenchError
 
 from .diffusion import CONVERSION_TABLES, GaussianDiffusion, ModelFn, gaussian_noise, x0_and_eps
+# re-exported: the sampler choice belongs with the samplers for their users
+from .sampler_config import SAMPLER_SPACINGS, SamplerConfig, heun_levels, upgrade_sampler_fields  # noqa: F401
 
-SamplerName = Literal["ddim", "ddpm", "dpm++2m", "heun"]
-Spacing = Literal["default", "trailing", "leading", "logsnr", "karras"]
-
-# the timestep spacings each sampler accepts; the first is its default ("default" in a config).
-# DDPM visits all T steps and ignores the spacing.
-SAMPLER_SPACINGS: dict[str, tuple[str, ...]] = {
-    "ddim": ("trailing", "leading"),  # trailing: Lin et al. 2024 table 2 (genbench's DDIM default)
-    "ddpm": (),
-    "dpm++2m": ("logsnr", "trailing", "karras"),  # logSNR-uniform: Lu et al.'s advice for low-resolution images
-    "heun": ("karras", "trailing", "logsnr"),  # Karras et al. eq. 5, rho = 7
-}
+StepCallback = Callable[[int, Tensor, Tensor], None]  # (t, x_t, x0_hat), see the module docstring
 KARRAS_RHO = 7.0
 LAMBDA_MIN = -5.1  # ODE grids of "logsnr"/"karras" spacing start where lambda_t >= LAMBDA_MIN (solver_timesteps)
-
-
-@dataclass
-class SamplerConfig:
-    """How samples are drawn.
-
-    ``name``: "ddim" (default), "ddpm", "dpm++2m" or "heun".
-    ``steps``: the network calls per sample. Exactly that for DDIM and DPM-Solver++(2M) (one call per
-      grid timestep); the DDPM sampler always takes all T steps and ignores it; Heun uses
-      N = ceil(steps / 2) noise levels and 2N - 1 calls (Karras et al. Algorithm 1: two per level,
-      one at the last), i.e. ``steps`` when it is odd and ``steps - 1`` when even. ``network_calls``
-      gives the exact count.
-    ``eta``: DDIM's noise (0 deterministic, 1 the DDPM posterior on the subsequence); must be 0 for
-      the deterministic ODE solvers; DDPM ignores it.
-    ``spacing``: which timesteps the sampler visits; "default" is the sampler's own default (the
-      first of SAMPLER_SPACINGS[name]): DDIM "trailing" | "leading" (see ``ddim_timesteps``);
-      DPM-Solver++(2M) "logsnr" | "trailing" | "karras", Heun "karras" | "trailing" | "logsnr" (see
-      ``solver_timesteps``).
-    """
-
-    name: SamplerName = "ddim"
-    steps: int = 50
-    eta: float = 0.0
-    spacing: Spacing = "default"
-
-    def resolved_spacing(self) -> str | None:
-        """The spacing the sampler uses ("default" replaced by the sampler's own); None for DDPM."""
-        options = SAMPLER_SPACINGS.get(self.name)
-        if not options:
-            return None
-        return options[0] if self.spacing == "default" else self.spacing
-
-    def validate(self, num_timesteps: int | None = None) -> None:
-        if self.name not in SAMPLER_SPACINGS:
-            raise GenbenchError(f"sampler: name must be one of {list(SAMPLER_SPACINGS)}, got {self.name!r}")
-        if self.steps < 1:
-            raise GenbenchError(f"sampler: steps must be >= 1, got {self.steps}")
-        if num_timesteps is not None and self.steps > num_timesteps:
-            raise GenbenchError(f"sampler: steps ({self.steps}) must be <= diffusion.num_timesteps ({num_timesteps})")
-        if self.eta < 0:
-            raise GenbenchError(f"sampler: eta must be >= 0, got {self.eta}")
-        if self.name in ("dpm++2m", "heun") and self.eta != 0:
-            raise GenbenchError(f"sampler: eta applies to DDIM only ({self.name} is deterministic), got eta={self.eta}")
-        options = SAMPLER_SPACINGS[self.name]
-        if options and self.spacing != "default" and self.spacing not in options:
-            raise GenbenchError(
-                f"sampler: spacing {self.spacing!r} is not available for {self.name}; "
-                f"use 'default' ({options[0]}) or one of {list(options)}"
-            )
-
-    def network_calls(self, num_timesteps: int) -> int:
-        """Network evaluations per sample (the cost of one batch of samples, in forward passes)."""
-        if self.name == "ddpm":
-            return num_timesteps
-        if self.name == "heun":
-            return 2 * heun_levels(self.steps) - 1
-        return self.steps
-
-    def describe(self, num_timesteps: int) -> str:
-        if self.name == "ddim":
-            return f"DDIM, {self.steps} steps ({self.resolved_spacing()}), eta {self.eta}"
-        if self.name == "dpm++2m":
-            return f"DPM-Solver++(2M), {self.steps} steps ({self.resolved_spacing()})"
-        if self.name == "heun":
-            levels = heun_levels(self.steps)
-            return (f"Heun (Karras et al. Alg. 1), {levels} noise levels ({self.resolved_spacing()}), "
-                    f"{self.network_calls(num_timesteps)} network calls")
-        return f"DDPM ancestral, {num_timesteps} steps"
-
-
-def heun_levels(steps: int) -> int:
-    """Noise levels N of Heun's sampler for a budget of ``steps`` network calls: 2N - 1 <= steps."""
-    return (steps + 1) // 2
-
-
-def upgrade_sampler_fields(data: dict) -> dict:
-    """A model config saved before SamplerConfig existed held the sampler as flat fields
-    (`sampler: "ddim"`, `sample_steps`, `eta`): fold them into the nested `sampler` section."""
-    if isinstance(data.get("sampler"), str) or "sample_steps" in data or "eta" in data:
-        old = {"name": data.pop("sampler", "ddim"), "steps": data.pop("sample_steps", 50), "eta": data.pop("eta", 0.0)}
-        data["sampler"] = old
-    return data
 
 
 @torch.inference_mode()
@@ -141,10 +56,12 @@ def sample(
     clip_x0: tuple[float, float] | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    callback: StepCallback | None = None,
 ) -> Tensor:
-    """x_0 of shape ``shape`` by the sampler ``config`` names, from x_T ~ N(0, I) (validated first)."""
+    """x_0 of shape ``shape`` by the sampler ``config`` names, from x_T ~ N(0, I) (validated first);
+    ``callback(t, x_t, x0_hat)`` sees every step (module docstring)."""
     config.validate(diffusion.num_timesteps)
-    kw = dict(generator=generator, clip_x0=clip_x0, device=device, progress=progress)
+    kw = dict(generator=generator, clip_x0=clip_x0, device=device, progress=progress, callback=callback)
     spacing = config.resolved_spacing()
     if config.name == "ddim":
         return ddim_sample(diffusion, model_fn, shape, steps=config.steps, eta=config.eta, spacing=spacing, **kw)
@@ -180,6 +97,7 @@ def ddpm_sample(
     dtype: torch.dtype = torch.float32,
     x_T: Tensor | None = None,
     device: torch.device | str | None = None,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """Ancestral sampling, Ho et al. 2020 Algorithm 2, over all T steps.
 
@@ -201,6 +119,8 @@ def ddpm_sample(
         x0, _ = x0_and_eps(prediction, out, x, _at_step(c, i))
         if clip_x0 is not None:
             x0 = x0.clamp(*clip_x0)
+        if callback is not None:
+            callback(i, x, x0)
         x = c["posterior_mean_coef1"][i] * x0 + c["posterior_mean_coef2"][i] * x
         if i > 0:
             x = x + sigma[i] * gaussian_noise(shape, generator, device, dtype)
@@ -221,6 +141,7 @@ def ddim_sample(
     dtype: torch.dtype = torch.float32,
     x_T: Tensor | None = None,
     device: torch.device | str | None = None,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """DDIM sampling over a subsequence tau of the T steps (Song et al. 2021, eq. 12).
 
@@ -259,6 +180,8 @@ def ddim_sample(
         x0, eps = x0_and_eps(prediction, out, x, coef)
         if clip_x0 is not None:  # keep eps_hat consistent with the clipped x0_hat
             x0, eps = x0_and_eps("x0", x0.clamp(*clip_x0), x, coef)
+        if callback is not None:
+            callback(int(tau[i]), x, x0)
         x = c_x0[i] * x0 + c_eps[i] * eps
         if eta > 0 and i < steps - 1:
             x = x + sigma[i] * gaussian_noise(shape, generator, device, dtype)
@@ -347,6 +270,7 @@ def dpmpp_2m_sample(
     dtype: torch.dtype = torch.float32,
     x_T: Tensor | None = None,
     device: torch.device | str | None = None,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M): multistep second-order solver of the probability-flow ODE in data
     prediction (Lu et al. 2022, "DPM-Solver++", Algorithm 2), ``steps`` network calls.
@@ -384,6 +308,8 @@ def dpmpp_2m_sample(
     x0_prev = None
     for i in tqdm(range(S), desc="dpm++2m", disable=not progress, leave=False):
         x0, _ = _read(prediction, clip_x0, c, model_fn(x, ts[i]), x, i)
+        if callback is not None:
+            callback(int(t[i]), x, x0)
         d = (1 + c_prev[i]) * x0 - c_prev[i] * x0_prev if second[i] else x0
         x = a[i] * x + b[i] * d
         x0_prev = x0
@@ -403,6 +329,7 @@ def heun_sample(
     dtype: torch.dtype = torch.float32,
     x_T: Tensor | None = None,
     device: torch.device | str | None = None,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """Heun's second-order solver of the probability-flow ODE (Karras et al. 2022, Algorithm 1,
     deterministic: S_churn = 0), at most ``steps`` network calls.
@@ -437,6 +364,8 @@ def heun_sample(
     ts = t.to(device).view(N, 1).expand(N, shape[0])
     for i in tqdm(range(N), desc="heun", disable=not progress, leave=False):
         x0, eps = _read(prediction, clip_x0, c, model_fn(x, ts[i]), x, i)
+        if callback is not None:
+            callback(int(t[i]), x, x0)
         x_next = c_x0[i] * x0 + c_eps[i] * eps
         if i < N - 1:
             _, eps_next = _read(prediction, clip_x0, c, model_fn(x_next, ts[i + 1]), x_next, i + 1)

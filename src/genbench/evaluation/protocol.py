@@ -4,7 +4,9 @@ The same number of samples drawn with the same seed, the same test images, the s
 network (genbench.evaluation.features): FD, KID, precision/recall/density/coverage, class
 histogram and memorisation on samples; MSE/PSNR/SSIM and reconstruction FD on reconstructions;
 the model's own likelihood estimate; costs from the run's record; training curves and stability
-from its log; sample, reconstruction and interpolation grids for the report.
+from its log; sample, reconstruction and interpolation grids for the report, and the pictures of
+how the model works where its family has one (genbench.evaluation.latents): the VAE's latent space
+and active units, a VQ codebook's usage, a diffusion model's trajectory.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ from genbench.training.run_folder import RunFolder
 from genbench.utils import count_parameters, select_device
 
 from . import metrics
+from .figures import codebook_png, latent_space_png, latent_tiles, trajectory_png
+from .latents import codebook_usage, diffusion_trajectory, posterior_summary
 from .trained_run import interleave
 
 SAMPLE_BATCH = 500
+GRID_SIDE = 40  # images in the report's grids are drawn at least this many pixels wide (nearest-neighbour)
+TRAJECTORY_SAMPLES = 2
 
 
 class EvalContext:
@@ -130,15 +136,18 @@ class EvalContext:
             row["sampler"] = own.describe(model.diffusion.num_timesteps)
             row["fd_by_sampler"] = [main] + self.sampler_sweep(model, dev, [s for s in sweep if s != own])
         test = self.test.to(dev)
-        images = {"samples": make_grid(samples[:64], nrow=8)}
+        images = {"samples": make_grid(samples[:64], nrow=8, min_side=GRID_SIDE)}
         row.update(mse=None, psnr=None, ssim=None, recon_fd=None)
         if model.has_reconstruction:
             rec = torch.cat([model.reconstruct(x).float() for x in test.split(SAMPLE_BATCH)]).clamp(0, 1).cpu()
             row.update(mse=metrics.mse(rec, self.test), psnr=metrics.psnr(rec, self.test),
                        ssim=metrics.ssim(rec, self.test), recon_fd=self.reconstruction_fd(rec))
-            images["reconstructions"] = make_grid(interleave(self.test[:32], rec[:32]), nrow=8)
+            images["reconstructions"] = make_grid(interleave(self.test[:32], rec[:32]), nrow=8, min_side=GRID_SIDE)
         if model.has_latent_space:
-            images["interpolations"] = make_grid(latent_interpolation(model, test[:8], steps=8).cpu(), nrow=8)
+            images["interpolations"] = make_grid(latent_interpolation(model, test[:8], steps=8).cpu(), nrow=8,
+                                                 min_side=GRID_SIDE)
+        row["latent_shape"] = describe_latent(model, test[:1])
+        pictures = self.family_pictures(model, run, row, dev)
         ev = model.evaluate(test, generator=torch.Generator(device=dev).manual_seed(self.seed))
         row["bits_per_dim"] = ev.get("bits_per_dim")
         row["bpd_estimator"] = ev.get("bpd_estimator") or "not defined"
@@ -158,9 +167,75 @@ class EvalContext:
         row["curves"] = run.curves()
         row["quality_curve"] = run.quality_curve()  # FD probes during training (train.fd_every)
         row["stability"] = loss_stability(row["curves"])
-        row["images_png"] = {k: png_bytes(v) for k, v in images.items()}
+        row["images_png"] = {**{k: png_bytes(v) for k, v in images.items()}, **pictures}
         row["family"] = dict(model.FAMILY)
         return row
+
+    @torch.no_grad()
+    def family_pictures(self, model: GenerativeModel, run: RunFolder, row: dict, device: torch.device) -> dict:
+        """PNGs of how the model works, by what its family has (models/base.py capabilities); the numbers
+        behind them go into `row` (metrics.json)."""
+        pictures = {}
+        test = self.test.to(device)
+        if model.has_posterior:
+            summary = posterior_summary(model, test)
+            row["latent_space"] = {k: v for k, v in summary.items() if k != "pca"}
+            labels = self.ds.test_labels[: len(self.test)].numpy() if self.ds.test_labels is not None else None
+            pictures["latent_space"] = latent_space_png(summary, labels)
+        if model.has_codebook:
+            row["codebook"] = codebook_usage(model, test, run.read_log())
+            pictures["codebook"] = codebook_png(row["codebook"])
+        if model.has_sampler:
+            gen = torch.Generator(device=device).manual_seed(self.seed)
+            traj = diffusion_trajectory(model, TRAJECTORY_SAMPLES, gen)
+            row["trajectory"] = {"t": traj["t"], "space": "latent" if is_latent(traj) else "pixels"}
+            pictures["trajectory"] = trajectory_png(traj["t"], trajectory_rows(model, traj, device))
+        return pictures
+
+
+def describe_latent(model: GenerativeModel, x: torch.Tensor) -> str:
+    """What one image becomes inside the model, measured on x (one image): its shape and kind."""
+    def shape(t):
+        return "×".join(map(str, t.shape[1:]))
+    if model.has_codebook:
+        return f"{shape(model.encode(x))} code indices into {model.codebook_size} codes"
+    if model.has_latent_space:
+        return f"{shape(model.encode_latents(x))} continuous"
+    if model.has_sampler:
+        return f"none: noise of the image's shape {shape(x)}"
+    return "none"
+
+
+def _pictures(images: torch.Tensor) -> list[np.ndarray]:
+    """(N, C, H, W) in [0, 1] -> N arrays (H, W) or (H, W, 3) for figures.trajectory_png."""
+    x = images.float().clamp(0, 1).cpu().numpy()
+    return [a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0) for a in x]
+
+
+def is_latent(traj: dict) -> bool:
+    """The diffusion ran in a latent space: its states are not shaped like the samples."""
+    return traj["x_t"].shape[2:] != traj["samples"].shape[1:]
+
+
+def trajectory_rows(model: GenerativeModel, traj: dict, device: torch.device) -> list[tuple[str, list[np.ndarray]]]:
+    """Rows of trajectory_png per sample: x_t and x0_hat as images; when the diffusion runs in a latent
+    space (its states are not image-shaped), z_t and z0_hat as channel tiles, then their decodings."""
+    s, n = traj["x_t"].shape[:2]
+    latent = is_latent(traj)
+
+    def shown(x):  # (S, n, ...) -> (S, n, C, H, W) images
+        return model.diffusion_to_images(x.flatten(0, 1).to(device)).float().cpu().unflatten(0, (s, n))
+
+    x_t, x0 = shown(traj["x_t"]), shown(traj["x0_hat"])
+    rows = []
+    for j in range(n):
+        if latent:
+            rows += [(f"#{j + 1}  $z_t$", [latent_tiles(z[j].numpy()) for z in traj["x_t"]]),
+                     (r"$\hat z_0$", [latent_tiles(z[j].numpy()) for z in traj["x0_hat"]]),
+                     ("$D(z_t)$", _pictures(x_t[:, j])), (r"$D(\hat z_0)$", _pictures(x0[:, j]))]
+        else:
+            rows += [(f"#{j + 1}  $x_t$", _pictures(x_t[:, j])), (r"$\hat x_0$", _pictures(x0[:, j]))]
+    return rows
 
 
 def latent_interpolation(model: GenerativeModel, x: torch.Tensor, steps: int = 8) -> torch.Tensor:

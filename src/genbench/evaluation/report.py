@@ -1,29 +1,27 @@
 """The comparison's outputs: metrics.json, report.md and one self-contained report.html.
 
-The HTML embeds every image (base64 PNG), needs no network and no script, and is laid out plainly:
-the metrics table with the best model value per column marked, then per-model samples,
-reconstructions and latent interpolations, training curves, costs, and the qualitative
-comparison of the families filled from what was measured.
+The HTML embeds every image (base64 PNG), needs no network and no script, and reads top to bottom: a
+summary of which family wins at what (genbench.evaluation.summary), the metrics table with the best
+model value per column marked, one section per model (its samples, reconstructions and latent
+interpolations at a readable size, then the picture of how its family works: the VAE's latent space,
+a VQ codebook's usage, a diffusion trajectory), the diffusion samplers' FD against network calls,
+training curves, costs, and the families side by side, filled from what was measured. Nothing in it
+is wider than a 1280 px window (tests/evaluation/test_compare_report.py checks it in Chromium).
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from pathlib import Path
 
-import matplotlib
+from genbench.files import atomic_write_bytes, write_json
 
-matplotlib.use("Agg")  # headless
-import matplotlib.ticker  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-
-from genbench.files import atomic_write_bytes, write_json  # noqa: E402
-
-from .compute import compute_figure, compute_table  # noqa: E402
+from .compute import compute_figure, compute_table
+from .figures import _figure_png, cost_png, curves_png, sampler_png
+from .summary import summary
 
 # (key, header, direction: +1 higher is better, -1 lower is better, 0 not ranked, format)
 COLUMNS = [
@@ -73,74 +71,6 @@ def _png_b64(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def _figure_png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-CURVES_PER_ROW = 3  # 3 x 3.2 inches at 100 dpi: under a laptop page's width
-
-
-def curves_png(rows: list[dict]) -> bytes | None:
-    models = [r for r in rows if r["kind"] == "model" and r.get("curves")]
-    if not models:
-        return None
-    n = len(models)
-    cols = min(n, CURVES_PER_ROW)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    for i, (ax, r) in enumerate(zip(axes.flat, models)):
-        for stage, c in r["curves"].items():
-            ax.plot(c["step"], c["loss"], label=stage)
-        ax.set_title(r["name"])
-        ax.set_xlabel("step")
-        losses = [v for c in r["curves"].values() for v in c["loss"]]
-        if losses and min(losses) > 0:
-            ax.set_yscale("log")
-        if len(r["curves"]) > 1:
-            ax.legend(fontsize=7)
-        if i % cols == 0:
-            ax.set_ylabel("training loss")
-    fig.tight_layout()
-    return _figure_png(fig)
-
-
-SAMPLER_MARKERS = {"ddim": "o", "dpm++2m": "s", "heun": "^", "ddpm": "x"}
-
-
-def sampler_png(rows: list[dict]) -> bytes | None:
-    """FD against network calls per sample, one line per (diffusion model, sampler), log axes."""
-    models = [r for r in rows if r["kind"] == "model" and r.get("fd_by_sampler")]
-    if not models:
-        return None
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for color, r in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], models):
-        by_name: dict[str, list[dict]] = {}
-        for p in r["fd_by_sampler"]:
-            by_name.setdefault(p["sampler"], []).append(p)
-        for name, points in by_name.items():
-            points = sorted(points, key=lambda p: p["network_calls"])
-            ax.plot([p["network_calls"] for p in points], [p["fd"] for p in points], marker=SAMPLER_MARKERS.get(name, "."),
-                    color=color, label=f"{r['name']} {name}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    calls = sorted({p["network_calls"] for r in models for p in r["fd_by_sampler"]})
-    ax.set_xticks(calls, [str(c) for c in calls])  # plain numbers: the calls measured
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.set_xlabel("network calls per sample")
-    ax.set_ylabel("FD ↓")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    return _figure_png(fig)
-
-
 def sampler_table(rows: list[dict]) -> list[tuple[str, str, int, float, float]]:
     """(model, sampler (spacing), network calls, FD, ms per sample), by model then calls."""
     out = []
@@ -150,24 +80,6 @@ def sampler_table(rows: list[dict]) -> list[tuple[str, str, int, float, float]]:
                 how = p["sampler"] + (f" ({p['spacing']})" if p.get("spacing") else "")
                 out.append((r["name"], how, p["network_calls"], p["fd"], p["sample_ms_per_image"]))
     return out
-
-
-def cost_png(rows: list[dict]) -> bytes | None:
-    models = [r for r in rows if r["kind"] == "model"]
-    if not models:
-        return None
-    names = [r["name"] for r in models]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
-    for ax, key, title in zip(axes, ["train_wall_time_s", "sample_ms_per_image", "parameters"],
-                              ["training wall time (s)", "sampling (ms / image)", "parameters"]):
-        vals = [r.get(key) or 0 for r in models]
-        ax.bar(names, vals, color="#4a7ab5")
-        ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-        if max(vals) > 0 and max(vals) / max(min(v for v in vals if v > 0) if any(vals) else 1, 1e-12) > 100:
-            ax.set_yscale("log")
-    fig.tight_layout()
-    return _figure_png(fig)
 
 
 def qualitative_rows(rows: list[dict]) -> list[dict]:
@@ -182,7 +94,8 @@ def qualitative_rows(rows: list[dict]) -> list[dict]:
                              f"largest jump {v['max_rel_jump']:+.0%}" for s, v in stab.items()) or "n/a"
         out.append({
             "model": r["name"],
-            "latent": (r.get("family") or {}).get("latent", "n/a"),
+            "latent (measured on a test image)": r.get("latent_shape") or "n/a",
+            "latent (the family)": (r.get("family") or {}).get("latent", "n/a"),
             "likelihood": r.get("bpd_estimator") or "not defined",
             "network calls per sample call": ", ".join(f"{k} ×{v}" for k, v in calls.items()) or "n/a",
             "training stability (measured)": stab_txt,
@@ -219,6 +132,8 @@ def render_markdown(result: dict) -> str:
         f"classifier (test accuracy {result['feature_network']['test_accuracy']:.3f}). Best model value per "
         "column in bold. Reference rows use the same protocol.",
         "",
+        *[f"- **{aspect}.** {text}" for aspect, text in summary(result["rows"])],
+        "",
         markdown_table(result["rows"]),
         "",
         "bits/dim estimators:",
@@ -237,17 +152,24 @@ def render_markdown(result: dict) -> str:
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1400px;
-color:#222;line-height:1.4;padding:0 1em}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em auto;max-width:1400px;
+color:#222;line-height:1.4;padding:0 1em;box-sizing:border-box}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}
-th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th,td{border:1px solid #ccc;padding:4px 6px;text-align:right}
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+#metrics th{font-size:12px}
 tr.reference td{color:#777;font-style:italic}
 td.best{font-weight:bold;background:#e5f3e5}
-.models{display:flex;flex-wrap:wrap;gap:1.5em}
-.model{border:1px solid #ddd;padding:.8em;border-radius:6px}
-.model img{image-rendering:pixelated;max-width:300px;display:block;margin:.3em 0}
-img{max-width:100%;height:auto}
+#families th,#families td{text-align:left;vertical-align:top}
+.summary{background:#f7f7fb;border:1px solid #dde;border-radius:6px;padding:.6em 1.2em;max-width:75em}
+.summary li{margin:.25em 0}
+.model{border:1px solid #ddd;padding:.4em 1em 1em;border-radius:6px;margin:1em 0}
+.model h3{margin:.3em 0}
+.figs{display:flex;flex-wrap:wrap;gap:1.2em 2em;align-items:flex-start;margin-top:.6em}
+figure{margin:0;min-width:0;max-width:100%}
+figcaption{color:#555;font-size:13px;width:0;min-width:100%}
+img{max-width:100%;height:auto;display:block}
+img.grid{image-rendering:pixelated}
 .note{color:#555;font-size:13px}
 """
 
@@ -260,6 +182,60 @@ def budget_note(result: dict) -> str:
     scales = ", ".join(f"{m} {p['scale']:.3g}x" for m, p in b["models"].items())
     return (f"Equal compute: every model trained {b['flops']:.3g} FLOPs, its preset's steps (and warm-up and "
             f"schedule) scaled by one factor per model ({scales}); the compute table gives what each achieved.")
+
+
+def _figure(r: dict, key: str, caption: str, grid: bool = False) -> str:
+    """<figure> with the row's image `key` and its caption ("" when the row has no such image)."""
+    data = (r.get("images_png") or {}).get(key)
+    if not data:
+        return ""
+    cls = " class='grid'" if grid else ""
+    return (f"<figure data-kind='{key}'><img{cls} alt='{html.escape(r['name'])} {key}' src='{_png_b64(data)}'>"
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def model_section(r: dict) -> str:
+    """One model: what it is, its samples, reconstructions and interpolations at a readable size, then
+    the picture of how its family works (latent space, codebook, or diffusion trajectory)."""
+    esc = html.escape
+    name = esc(r["name"])
+    about = [f"latent: {esc(r['latent_shape'])}"] if r.get("latent_shape") else []
+    if r.get("sampler"):
+        about.append(f"sampler: {esc(r['sampler'])}")
+    parts = [f"<section class='model' id='model-{name}' data-model='{name}'><h3>{name}</h3>"]
+    if about:
+        parts.append(f"<p class='note'>{'; '.join(about)}</p>")
+    parts.append("<div class='figs'>")
+    parts.append(_figure(r, "samples", "samples", grid=True))
+    parts.append(_figure(r, "reconstructions", "test images (odd columns) and their reconstructions (even)", grid=True))
+    parts.append(_figure(r, "interpolations", "decoded straight lines in latent space between two test images "
+                                              "(one pair per row)", grid=True))
+    parts.append("</div><div class='figs'>")
+    space = r.get("latent_space")
+    if space:
+        parts.append(_figure(r, "latent_space", (
+            f"<strong>{space['active_units']} of {space['latent_dims']} latent units active</strong>: a unit is active "
+            f"when the variance over test images of its posterior mean exceeds {space['active_threshold']:g} (Burda et al. "
+            "2016); an inactive unit's posterior equals the prior whatever the image (posterior collapse). Left: the "
+            "posterior means of the test images on their two principal axes, coloured by class.")))
+    book = r.get("codebook")
+    if book:
+        parts.append(_figure(r, "codebook", (
+            f"<strong>{book['codes_used']} of {book['codebook_size']} codes used</strong> by the test set's encodings, "
+            f"perplexity {book['perplexity']:.1f} (the number of equally used codes with the same entropy). Right: "
+            "batch perplexity over training and the codes chosen by no vector in the dead-code window (they are "
+            "restarted onto encoder outputs).")))
+    traj = r.get("trajectory")
+    if traj:
+        latent = traj["space"] == "latent"
+        what = ("z_t, ẑ0: the scaled latents the diffusion runs in (channels as tiles; grey 0, black −3, white +3); "
+                "D(·): decoded"
+                if latent else "x_t: the noisy image the network reads, x̂0: its estimate of the final image")
+        parts.append(_figure(r, "trajectory", (
+            f"<strong>One sampling run, {len(traj['t'])} of its steps</strong> (t from noise to data), two samples. "
+            f"{what}. The last column's estimate is the sample.")))
+    parts.append("</div></section>")
+    return "".join(parts)
 
 
 def render_html(result: dict) -> str:
@@ -277,8 +253,13 @@ def render_html(result: dict) -> str:
         f"{result['eval_test_images']} test images. Best model value per column highlighted; grey rows are "
         "references computed the same way. Whole comparison: "
         f"{result['wall_time_s']:.0f} s. {html.escape(budget_note(result))}</p>",
-        "<h2>Metrics</h2><table id='metrics'><thead><tr><th>model</th>",
     ]
+    glance = summary(rows)
+    if glance:
+        parts.append("<section class='summary' id='summary'><h2>At a glance</h2><ul>")
+        parts += [f"<li><strong>{esc(aspect)}.</strong> {esc(text)}</li>" for aspect, text in glance]
+        parts.append("</ul></section>")
+    parts.append("<h2>Metrics</h2><table id='metrics'><thead><tr><th>model</th>")
     parts += [f"<th>{esc(h)}</th>" for _, h, _, _ in COLUMNS]
     parts.append("</tr></thead><tbody>")
     for i, r in enumerate(rows):
@@ -296,20 +277,6 @@ def render_html(result: dict) -> str:
                  "→0 copies). bits/dim: " + "; ".join(f"{esc(r['name'])}: {esc(str(r.get('bpd_estimator')))}"
                                                       for r in rows if r["kind"] == "model") + ".</p>")
 
-    parts.append("<h2>Samples, reconstructions, interpolations</h2><div class='models'>")
-    for r in rows:
-        if r["kind"] != "model":
-            continue
-        parts.append(f"<div class='model'><h3>{esc(r['name'])}</h3>")
-        for key, title in [("samples", "samples"), ("reconstructions", "test images (odd) and reconstructions (even)"),
-                           ("interpolations", "latent interpolations between test images")]:
-            data = (r.get("images_png") or {}).get(key)
-            if data:
-                parts.append(f"<div class='note'>{esc(title)}</div><img alt='{esc(r['name'])} {key}' "
-                             f"src='{_png_b64(data)}'>")
-        parts.append("</div>")
-    parts.append("</div>")
-
     fig = compute_figure(rows)
     if fig is not None:
         parts.append("<h2>Quality against training compute</h2><p class='note'>FD of a few samples at intervals of "
@@ -323,6 +290,9 @@ def render_html(result: dict) -> str:
             parts.append(f"<tr><td>{esc(name)}</td><td>{_fmt(tflop, '{:.3g}')}</td><td>{_fmt(cpu, '{:.0f}')}</td>"
                          f"<td>{_fmt(wall, '{:.0f}')}</td><td>{_fmt(fd, '{:.2f}')}</td></tr>")
         parts.append("</tbody></table>")
+    parts.append("<h2>The models, one by one</h2>")
+    parts += [model_section(r) for r in rows if r["kind"] == "model"]
+
     sweep = sampler_png(rows)
     if sweep:
         parts.append("<h2>Diffusion: quality against network calls</h2><p class='note'>The same samples count and "
@@ -359,7 +329,7 @@ def render_html(result: dict) -> str:
         parts += [f"<th>{esc(k)}</th>" for k in keys]
         parts.append("</tr></thead><tbody>")
         for q in qual:
-            parts.append("<tr>" + "".join(f"<td style='text-align:left'>{esc(str(q[k]))}</td>" for k in keys) + "</tr>")
+            parts.append("<tr>" + "".join(f"<td>{esc(str(q[k]))}</td>" for k in keys) + "</tr>")
         parts.append("</tbody></table>")
     parts.append("</body></html>")
     return "".join(parts)

@@ -35,7 +35,13 @@ Capabilities, declared as class attributes rather than probed with hasattr
                                 encoder is stochastic)
     has_sampler = True          config.sampler (genbench.core.samplers.SamplerConfig) chooses how
                                 sample() solves the reverse diffusion of self.diffusion; set_sampler
-                                changes it for this instance (an evaluation choice: training ignores it)
+                                changes it for this instance (an evaluation choice: training ignores it);
+                                sample(n, generator, callback) passes callback(t, x_t, x0_hat) to the
+                                sampler (the trajectory, in the space the diffusion runs in), and
+                                diffusion_to_images(x) shows a point of that space as images
+    has_posterior = True        posterior(x) -> (mean, log_var) of a diagonal Gaussian q(z|x), prior
+                                N(0, I): what active units and the latent-space picture are measured on
+    has_codebook = True         encode(x) gives code indices (B, h, w) into `codebook_size` codes
 
 Exported-model folder (`save_pretrained` / `from_pretrained`, mirrors of each other): config.json
 (format version, model name, config, size and sha256 of the weights) + model.safetensors. A run
@@ -80,6 +86,8 @@ class GenerativeModel(nn.Module):
     has_reconstruction: ClassVar[bool] = False
     has_latent_space: ClassVar[bool] = False
     has_sampler: ClassVar[bool] = False
+    has_posterior: ClassVar[bool] = False
+    has_codebook: ClassVar[bool] = False
 
     config: Any
 
@@ -135,6 +143,16 @@ class GenerativeModel(nn.Module):
 
     def decode_latents(self, z: Tensor) -> Tensor:
         raise GenbenchError(f"{self.name} has no continuous latent space")
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise GenbenchError(f"{self.name} has no Gaussian posterior q(z|x)")
+
+    @property
+    def codebook_size(self) -> int:
+        raise GenbenchError(f"{self.name} has no codebook")
+
+    def diffusion_to_images(self, x: Tensor) -> Tensor:
+        raise GenbenchError(f"{self.name} has no diffusion process")
 
     def set_sampler(self, sampler) -> None:
         """Draw samples with `sampler` (a SamplerConfig) from now on (models with has_sampler)."""

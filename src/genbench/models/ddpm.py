@@ -77,11 +77,18 @@ class DDPM(GenerativeModel):
         return {"loss": self.diffusion.training_loss(self.unet, batch * 2 - 1)}
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               callback: samplers.StepCallback | None = None) -> Tensor:
+        """n images in [0, 1]; `callback(t, x_t, x0_hat)` sees each step in [-1, 1] pixel space."""
         c = self.config
         with eval_mode(self):
             x = samplers.sample(self.diffusion, self.unet, (n, *self.image_shape), c.sampler, generator=generator,
-                                clip_x0=(-1.0, 1.0) if c.clip else None, device=self.unet.input_conv.weight.device)
+                                clip_x0=(-1.0, 1.0) if c.clip else None, device=self.unet.input_conv.weight.device,
+                                callback=callback)
+        return self.diffusion_to_images(x)
+
+    def diffusion_to_images(self, x: Tensor) -> Tensor:
+        """x in the diffusion's [-1, 1] pixel space -> images in [0, 1]."""
         return ((x + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()

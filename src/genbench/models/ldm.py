@@ -329,17 +329,25 @@ class LDM(GenerativeModel):
     # ------------------------------------------------------------------ sampling and evaluation
 
     @torch.no_grad()
-    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n scaled latents from the reverse process (config sampler), no x0 clipping."""
+    def sample_latents(self, n: int, generator: torch.Generator | None = None,
+                       callback: samplers.StepCallback | None = None) -> Tensor:
+        """n scaled latents from the reverse process (config sampler), no x0 clipping; `callback(t, z_t,
+        z0_hat)` sees each step."""
         self._require_scale()
         with eval_mode(self):
             return samplers.sample(self.diffusion, self.unet, (n, *self.latent_shape), self.config.sampler,
-                                   generator=generator, clip_x0=None, device=self.latent_scale.device)
+                                   generator=generator, clip_x0=None, device=self.latent_scale.device,
+                                   callback=callback)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               callback: samplers.StepCallback | None = None) -> Tensor:
         """n images in [0, 1]: latents from the reverse process, unscaled, (quantized,) decoded."""
-        z = self.sample_latents(n, generator)
+        return self.diffusion_to_images(self.sample_latents(n, generator, callback))
+
+    @torch.no_grad()
+    def diffusion_to_images(self, z: Tensor) -> Tensor:
+        """Scaled latents (the diffusion's space) -> decoded images in [0, 1]."""
         with eval_mode(self):
             return self.decode(z)
 

@@ -98,6 +98,7 @@ class VAE(GenerativeModel):
     FAMILY = {"latent": "continuous vector (or spatial grid), Gaussian posterior q(z|x), prior N(0, I)"}
     has_reconstruction = True
     has_latent_space = True
+    has_posterior = True
 
     def __init__(self, config: VAEConfig):
         super().__init__()

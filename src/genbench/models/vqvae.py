@@ -118,6 +118,7 @@ class VQVAE(GenerativeModel):
                         "over the raster-scanned codes"}
     has_reconstruction = True
     has_latent_space = True
+    has_codebook = True
 
     def __init__(self, config: VQVAEConfig):
         super().__init__()
@@ -135,6 +136,10 @@ class VQVAE(GenerativeModel):
         self.register_buffer("decoder_scale_fitted", torch.tensor(False))
 
     # ------------------------------------------------------------------ encode / decode
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
 
     def encode(self, x: Tensor) -> Tensor:
         """Images (B, C, S, S) -> code indices (B, S/f, S/f)."""
