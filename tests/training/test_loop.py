@@ -16,7 +16,8 @@ from genbench.models.ae import AE
 from genbench.models.base import get_model_class
 from genbench.errors import GenbenchError
 from genbench.training.config import TrainConfig, lr_at
-from genbench.training.loop import EMA, Interrupted, TrainingDiverged, rng_seed
+from genbench.training.ema import EMA
+from genbench.training.loop import Interrupted, TrainingDiverged, rng_seed
 from genbench.training.run import resolve_configs, train_run
 
 TINY = ["latent_dim=4", "width=32", "arch=mlp", "train.steps=24", "train.batch_size=32",

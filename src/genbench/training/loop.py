@@ -49,6 +49,7 @@ from . import distributed
 from .checkpoint import (check_like, check_position, checkpoint_name, has_checkpoint, load_checkpoint, prefixed,
                          restore_optimizer, save_checkpoint, training_state)
 from .config import TrainConfig, check_world, lr_at
+from .ema import EMA
 from .flops import StepFlops
 from .run_folder import RunFolder, TrainingLog
 
@@ -63,27 +64,6 @@ class TrainingDiverged(GenbenchError):
 
 class Interrupted(Exception):
     """Raised by the `interrupt_at` test hook after a checkpoint: simulates a killed process."""
-
-
-class EMA:
-    """Exponential moving average of parameters (buffers are copied, not averaged)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self._params = dict(model.named_parameters())
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        params = [p.detach() for k, p in self._params.items()]
-        shadows = [self.shadow[k] for k in self._params]
-        torch._foreach_lerp_(shadows, params, 1.0 - self.decay)
-        for k, b in model.named_buffers():
-            if k in self.shadow:  # non-persistent buffers (precomputed tables) are not state
-                self.shadow[k].copy_(b)
-
-    def copy_to(self, model: torch.nn.Module) -> None:
-        model.load_state_dict(self.shadow)
 
 
 def rng_seed(*parts) -> int:
