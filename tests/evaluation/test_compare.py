@@ -47,7 +47,9 @@ def test_every_model_logs_fd_against_training_compute(result):
     for row, curve in ((rows["ae"], ae), (rows["vqvae"], vq)):
         assert all(f > 0 for f in curve["fd"])
         assert curve["train_flops"] == sorted(curve["train_flops"]) and curve["train_flops"][-1] == row["train_flops"]
-        assert curve["train_cpu_s"] == sorted(curve["train_cpu_s"]) and curve["train_cpu_s"][-1] <= row["train_cpu_time_s"] + 1e-3
+        # process CPU time of a multi-threaded process is read with scheduler-tick slack: a few ms
+        assert curve["train_cpu_s"] == sorted(curve["train_cpu_s"])
+        assert curve["train_cpu_s"][-1] == pytest.approx(row["train_cpu_time_s"], abs=0.05)
     # equal FLOPs per step within a stage: the AE's curve is linear in its steps
     per_step = ae["train_flops"][0] / 3
     assert ae["train_flops"] == [round(per_step * s) for s in ae["global_step"]]
