@@ -86,6 +86,7 @@ def test_reconstruct_writes_the_grid_and_the_true_mse(vae_run, tmp_path, capsys)
     (["compare", "--dataset", "digits", "--budget", "lots"], "--budget 'lots': expected training FLOPs"),
     (["compare", "--dataset", "digits", "--budget", "0"], "must be a positive, finite number"),
     (["compare", "--dataset", "digits", "--fd-points", "-1"], "fd_points must be >= 0"),
+    (["compare", "--dataset", "digits", "--models", "ae", "--budget", "1e30"], "at most 10,000,000 per stage"),
 ])
 def test_errors_are_one_line_exit_2(argv, match, tmp_path, capsys):
     argv = [*argv, "--out", str(tmp_path / "o")] if argv[0] in ("train", "compare") else argv

@@ -9,7 +9,7 @@ from genbench.errors import GenbenchError
 from genbench.models.ae import AE, AEConfig
 from genbench.models.vqgan import VQGAN, VQGANConfig
 from genbench.training.budget import plan_budget, training_flops
-from genbench.training.flops import StepFlops, count_step_flops, stage_flops
+from genbench.training.flops import StepFlops, count_step_flops, phase_steps
 from genbench.training.run import resolve_configs, train_run
 
 
@@ -53,7 +53,7 @@ def test_a_gan_step_costs_more_once_the_discriminator_runs(tiny_digits):
     counter = StepFlops(model)
     assert [counter("autoencoder", s, batch) for s in range(5)] == [before] * 3 + [after] * 2
     assert set(counter.counted) == {("autoencoder", 0), ("autoencoder", 1)}  # each kind counted once
-    assert stage_flops(model, "autoencoder", 5, batch) == 3 * before + 2 * after
+    assert phase_steps(model, "autoencoder", 5) == {0: (0, 3), 1: (3, 2)}  # (first step, steps) per phase
 
 
 def test_training_logs_the_flops_it_counts_and_a_resumed_run_agrees(tmp_path, tiny_digits):
@@ -116,6 +116,11 @@ def test_a_budget_scales_every_stage_to_the_same_compute(tiny_digits):
     again = plan_budget("vqgan", "digits", tiny_digits.train, "quick", vq.sets[:0] + [
         "width=16", "codebook_size=16", "prior_layers=1", "prior_embd=16", "perceptual_weight=0", "disc_width=8"], budget)
     assert again.sets == vq.sets and again.flops == vq.flops  # deterministic
+    # priced from the preset's per-step table with the moved disc_start: the same as counting anew
+    vq_sets = ["width=16", "codebook_size=16", "prior_layers=1", "prior_embd=16", "perceptual_weight=0",
+               "disc_width=8"]
+    model_cfg, train_cfg = resolve_configs("vqgan", "digits", (1, 8, 8), "quick", vq_sets + vq.sets)
+    assert sum(training_flops("vqgan", model_cfg, train_cfg, tiny_digits.train).values()) == vq.flops
 
 
 def test_training_flops_count_the_ldm_first_stage(tiny_digits):

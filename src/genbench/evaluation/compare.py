@@ -13,6 +13,7 @@ Reference rows go through the identical protocol: the training set scored agains
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -126,19 +127,19 @@ def run_comparison(
     out = Path(out)
     ds = dataset.load()
     # every model's --set items are valid before any work; the model configs give the samplers to evaluate with
-    for m in models:
-        resolve_configs(m, dataset.name, ds.shape, preset, per_model_sets[m])
+    resolved = {m: resolve_configs(m, dataset.name, ds.shape, preset, per_model_sets[m]) for m in models}
     plans = {}
     if budget is not None:
         for m in models:
             plans[m] = plan_budget(m, dataset.name, ds.train, preset, per_model_sets[m], budget)
             per_model_sets[m] += plans[m].sets
+            resolved[m] = resolve_configs(m, dataset.name, ds.shape, preset, per_model_sets[m])
             print(f"[compare] {m}: budget {budget:.3g} FLOPs = {plans[m].scale:.3g} x its preset's steps "
                   f"({', '.join(f'{s} {n}' for s, n in plans[m].steps.items())})", flush=True)
-    if fd_points:
+    if fd_points:  # train.fd_every changes no model config
         for m in models:
-            per_model_sets[m] += fd_probe_sets(m, dataset.name, ds.shape, preset, per_model_sets[m], fd_points)
-    requested = {m: resolve_configs(m, dataset.name, ds.shape, preset, per_model_sets[m])[0] for m in models}
+            per_model_sets[m] += fd_probe_sets(m, resolved[m][1], per_model_sets[m], fd_points)
+    requested = {m: resolved[m][0] for m in models}
     sweep = DEFAULT_SAMPLER_SWEEP if sampler_sweep is None else tuple(sampler_sweep)
     for sampler in sweep:
         sampler.validate()
@@ -148,14 +149,13 @@ def run_comparison(
     return result
 
 
-def fd_probe_sets(model: str, dataset_name: str, shape, preset: str, sets: list[str], points: int) -> list[str]:
-    """`train.fd_every` giving about `points` FD probes over the model's last stage (none when the
-    request sets fd_every itself)."""
-    if any(item.split("=", 1)[0].strip() in ("train.fd_every", "fd_every") for item in sets):
+def fd_probe_sets(model: str, train_cfg, sets: list[str], points: int) -> list[str]:
+    """`train.fd_every` giving about `points` FD probes over the model's last stage under `train_cfg`
+    (none when the request sets train.fd_every itself)."""
+    if any(item.split("=", 1)[0].strip() == "train.fd_every" for item in sets):
         return []
-    _, cfg = resolve_configs(model, dataset_name, shape, preset, sets)
-    last = cfg.for_stage(get_model_class(model).stages[-1]).steps
-    return [f"train.fd_every={max(1, -(-last // points))}"]
+    last = train_cfg.for_stage(get_model_class(model).stages[-1]).steps
+    return [f"train.fd_every={max(1, math.ceil(last / points))}"]
 
 
 def _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested, num_samples, eval_limit, seed, device,

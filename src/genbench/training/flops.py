@@ -9,8 +9,8 @@ update are not counted, as in the usual 6 N FLOPs-per-token accounting (Kaplan e
 
 A model whose step changes cost during a stage (VQ-GAN's discriminator switches on at `disc_start`)
 says so with `flops_phase(stage, step)`; each phase is counted once. `StepFlops` is the trainer's
-cache; `stage_flops` gives a whole stage's FLOPs before training, which `genbench compare --budget`
-uses to give every model the same training compute.
+cache; `phase_steps` splits a stage's steps by phase, so genbench.training.budget can price a whole
+training before it runs (`genbench compare --budget`).
 """
 
 from __future__ import annotations
@@ -55,6 +55,10 @@ class StepFlops:
         self.model, self.bf16 = model, bf16
         self.counted: dict[tuple[str, int], tuple[int, int]] = {}  # key -> (FLOPs, images counted on)
 
+    def known(self, stage: str, step: int) -> bool:
+        """Whether this kind of step is counted already (then a call costs a dict lookup)."""
+        return (stage, self.model.flops_phase(stage, step)) in self.counted
+
     def __call__(self, stage: str, step: int, batch: torch.Tensor, global_batch: int | None = None) -> int:
         key = (stage, self.model.flops_phase(stage, step))
         if key not in self.counted:
@@ -63,15 +67,12 @@ class StepFlops:
         return flops if global_batch is None else flops * global_batch // images
 
 
-def stage_flops(model: GenerativeModel, stage: str, steps: int, batch: torch.Tensor) -> int:
-    """FLOPs of `steps` training steps of `stage` with batches shaped like `batch`: each phase of the
-    stage counted once, times its number of steps."""
-    per_phase: dict[int, int] = {}
+def phase_steps(model: GenerativeModel, stage: str, steps: int) -> dict[int, tuple[int, int]]:
+    """{phase: (its first step, its number of steps)} over the `steps` steps of `stage`."""
+    out: dict[int, tuple[int, int]] = {}
     for step in range(steps):
         phase = model.flops_phase(stage, step)
-        per_phase[phase] = per_phase.get(phase, 0) + 1
-    total = 0
-    for phase, n in per_phase.items():
-        first = next(s for s in range(steps) if model.flops_phase(stage, s) == phase)
-        total += n * count_step_flops(model, stage, batch, first)
-    return total
+        first, n = out.get(phase, (step, 0))
+        out[phase] = (first, n + 1)
+    return out
+

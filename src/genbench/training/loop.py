@@ -33,6 +33,7 @@ import hashlib
 import resource
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -127,9 +128,7 @@ class Session:
     num_images: int = 0  # the whole training set, of which `data` holds rows first_row .. first_row + len(data)
     first_row: int = 0
     step_flops: StepFlops | None = None
-    # quality probe (genbench.evaluation.probe): model -> {"fd": ...}, called every cfg.fd_every steps
-    # of the last stage on a copy of the model as it would be exported then
-    probe: Callable[[GenerativeModel], dict] | None = None
+    probe: Callable[[GenerativeModel], dict] | None = None  # model -> {"fd": ...} (genbench.evaluation.probe)
 
 
 @dataclass
@@ -171,12 +170,10 @@ def train(
     memory, device, training FLOPs and CPU seconds). `interrupt_at` (tests only) raises
     `Interrupted` right after the checkpoint of that global step is written.
 
-    Training compute: every step adds its FLOPs (counted once per kind of step, genbench.training.flops)
-    to the stage's and the run's total, logged with each record as `train_flops`. `probe` (with
-    `cfg.fd_every` > 0): every fd_every steps of the last stage, and after its last step, the probe
-    scores a copy of the model as it would be exported at that point (EMA weights, finish_training)
-    and a record with its result and the compute spent so far (train_flops, train_s, train_cpu_s,
-    probing time excluded) is logged: quality against training compute.
+    Every step adds its FLOPs (counted once per kind of step, genbench.training.flops) to the logged
+    `train_flops`. With `cfg.fd_every` > 0, every fd_every steps of the last stage and after it,
+    `probe` scores a copy of the model as exported then (`_probe`), logged with the compute spent so
+    far (train_flops, train_s, train_cpu_s; counting and probing excluded).
     """
     run = RunFolder(run_dir)
     world = distributed.init()
@@ -318,7 +315,7 @@ def _train_stage(session: Session, st: StageState, last_stage: bool = True) -> N
     stage_summary.update(steps=cfg.steps, batch_size=bs)  # a resumed run may have been given more steps
     t_start, cpu_start = time.perf_counter(), time.process_time()
     overhead = [0.0, 0.0]  # wall and CPU seconds of FLOP counting and probes: not training
-    earlier_flops = sum(s.get("flops", 0) for name, s in session.summary["stages"].items() if name != stage)
+    earlier_flops = int(_earlier(session, stage, "flops"))
     probing = last_stage and session.probe is not None and cfg.fd_every > 0
 
     def spent() -> tuple[float, float]:
@@ -339,10 +336,10 @@ def _train_stage(session: Session, st: StageState, last_stage: bool = True) -> N
             if len(idx) == 0:  # none of this batch is in this shard: run one image with weight 0 (it adds nothing)
                 idx = torch.zeros(1, dtype=torch.int64)
             batch = unit_float(data, idx.to(device))
-            w0, c0 = time.perf_counter(), time.process_time()
-            st.flops += session.step_flops(stage, step, batch, global_batch=bs)  # counted once per kind of step
-            overhead[0] += time.perf_counter() - w0
-            overhead[1] += time.process_time() - c0
+            if not session.step_flops.known(stage, step):  # counted once per kind of step, not training time
+                with _excluded(overhead):
+                    session.step_flops(stage, step, batch)
+            st.flops += session.step_flops(stage, step, batch, global_batch=bs)
             torch.manual_seed(rng_seed(cfg.seed, stage, step, rank))
             lr = lr_at(cfg, step)
             for opt in st.optimizers.values():
@@ -394,16 +391,14 @@ def _train_stage(session: Session, st: StageState, last_stage: bool = True) -> N
                 bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{ips:.0f}")
             bar.update(1)
             if probing and (step % cfg.fd_every == 0 or step == cfg.steps):
-                w0, c0 = time.perf_counter(), time.process_time()
                 wall_s, cpu_s = spent()
-                record = {"stage": stage, "step": step, "global_step": st.global_offset + step,
-                          "train_flops": earlier_flops + st.flops,
-                          "train_s": round(wall_s + _earlier(session, stage, "wall_time_s"), 3),
-                          "train_cpu_s": round(cpu_s + _earlier(session, stage, "cpu_time_s"), 3),
-                          **_probe(session, st)}
-                distributed.on_main(lambda: session.log.append(record), what="writing the training log")
-                overhead[0] += time.perf_counter() - w0
-                overhead[1] += time.process_time() - c0
+                with _excluded(overhead):
+                    record = {"stage": stage, "step": step, "global_step": st.global_offset + step,
+                              "train_flops": earlier_flops + st.flops,
+                              "train_s": round(wall_s + _earlier(session, stage, "wall_time_s"), 3),
+                              "train_cpu_s": round(cpu_s + _earlier(session, stage, "cpu_time_s"), 3),
+                              **_probe(session, st)}
+                    distributed.on_main(lambda: session.log.append(record), what="writing the training log")
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 stage_summary["wall_time_s"], stage_summary["cpu_time_s"] = spent()
                 stage_summary["flops"] = st.flops
@@ -415,15 +410,25 @@ def _train_stage(session: Session, st: StageState, last_stage: bool = True) -> N
         bar.close()
 
 
+@contextmanager
+def _excluded(overhead: list[float]):
+    """Adds the wall and CPU seconds spent inside to `overhead` ([wall, cpu]): work that is not training."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        overhead[0] += time.perf_counter() - w0
+        overhead[1] += time.process_time() - c0
+
+
 def _earlier(session: Session, stage: str, key: str) -> float:
     """`key` summed over the stages before `stage` (their summaries are final)."""
     return sum(float(s.get(key, 0.0)) for name, s in session.summary["stages"].items() if name != stage)
 
 
 def _probe(session: Session, st: StageState) -> dict:
-    """The probe's result on a copy of the model as it would be exported now: the EMA weights, eval
-    mode, finish_training (e.g. the AE's latent Gaussian). The training model, its RNG streams and
-    the data order are untouched (the global RNG is re-seeded before every step anyway)."""
+    """The probe's result on a copy of the model as exported now (EMA weights, eval mode, finish_training);
+    the training model, its RNG streams and the data order are untouched."""
     images = _full_set(session)  # a collective under torchrun: every rank takes part
     if distributed.rank() != 0:
         return {}
