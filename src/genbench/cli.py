@@ -56,6 +56,7 @@ def cmd_models(args) -> int:
 def cmd_train(args) -> int:
     """Train (or resume) a run. Under torchrun every process runs this; rank 0 alone writes the
     run folder, the sample images and the final line (see genbench.training.distributed)."""
+    from .evaluation.features import check_kind
     from .evaluation.trained_run import TrainedRun
     from .models import get_model_class
     from .training import distributed, load_training_data, train_run
@@ -69,12 +70,13 @@ def cmd_train(args) -> int:
         args.set = [*(args.set or []), f"train.fd_every={args.fd_every}"]
     spec = _dataset_spec(args)
     ds = load_training_data(spec, progress=not args.no_progress)  # under torchrun: this process's shard
+    check_kind(ds, args.features)
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
     t0 = time.perf_counter()
     from .evaluation.probe import FDProbe
 
     # the probe runs only where train.fd_every > 0 (--fd-every N, or genbench compare's own --set)
-    probe = FDProbe(ds, num_samples=args.fd_samples)
+    probe = FDProbe(ds, num_samples=args.fd_samples, kind=args.features)
     train_run(args.model, ds, out, preset=args.preset, sets=args.set, resume=args.resume,
               progress=not args.no_progress, dataset_spec=spec, probe=probe)
     if not distributed.is_main_process():
@@ -141,7 +143,7 @@ def cmd_compare(args) -> int:
                             eval_limit=args.eval_limit, seed=args.seed, device=args.device, jobs=args.jobs,
                             progress=not args.no_progress, replace=args.replace,
                             sampler_sweep=None if args.sampler_sweep is None else parse_sampler_sweep(args.sampler_sweep),
-                            budget=_budget(args.budget), fd_points=args.fd_points)
+                            budget=_budget(args.budget), fd_points=args.fd_points, features=args.features)
     print(f"[compare] done in {result['wall_time_s']:.0f}s; report: {result['reports']['html']}")
     return 0
 
@@ -164,8 +166,9 @@ def _budget(text: str | None) -> float | None:
 def cmd_features_train(args) -> int:
     from .evaluation.features import get_feature_network
 
-    net = get_feature_network(_dataset_spec(args).load())
-    print(f"feature network for {args.dataset}: test accuracy {net.test_accuracy:.4f} ({net.directory})")
+    net = get_feature_network(_dataset_spec(args).load(), kind=args.kind)
+    print(f"{net.kind} feature network for {args.dataset}: {net.score_name} {net.test_accuracy:.4f} "
+          f"({net.train_cpu_seconds:.0f} CPU s to train; {net.directory})")
     return 0
 
 
@@ -197,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log the FD of --fd-samples samples every N steps of the last stage, with the training "
                         "compute spent (= --set train.fd_every=N; default off)")
     p.add_argument("--fd-samples", type=int, default=500, help="samples per FD probe (default 500)")
+    p.add_argument("--features", default=None, metavar="KIND", help="the feature network of FD/KID/PRDC: classifier (labelled data; the default there) | contrastive (self-supervised; the default without labels)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="draw samples from a trained run")
@@ -255,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fd-points", type=int, default=8,
                    help="FD probes during each model's last stage, for the report's FD against training "
                         "compute (default 8; 0: none)")
+    p.add_argument("--features", default=None, metavar="KIND", help="the feature network of FD/KID/PRDC: classifier (labelled data; the default there) | contrastive (self-supervised; the default without labels)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
 
@@ -262,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     fsub = p.add_subparsers(dest="features_command", required=True)
     p = fsub.add_parser("train", help="train (or load from the cache) the feature network of a dataset")
     _dataset_args(p)
+    p.add_argument("--kind", default=None, help="the feature network of FD/KID/PRDC: classifier (labelled data; the default there) | contrastive (self-supervised; the default without labels)")
     p.set_defaults(func=cmd_features_train)
     return parser
 

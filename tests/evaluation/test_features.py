@@ -139,11 +139,34 @@ def test_input_checks(trained):
         net.features([[0.0]])
 
 
-def test_unlabelled_dataset_is_rejected(tmp_path):
+def test_the_classifier_is_refused_for_an_unlabelled_dataset_and_unknown_kinds_everywhere(tmp_path, digits):
     folder = ImageDataset("folder", torch.rand(4, 3, 8, 8), torch.rand(2, 3, 8, 8))
-    with pytest.raises(GenbenchError, match="dataset 'folder' has no labels"):
-        get_feature_network(folder, cache_dir=tmp_path)
+    with pytest.raises(GenbenchError, match="dataset 'folder' has no labels: the classifier feature network needs"):
+        get_feature_network(folder, cache_dir=tmp_path, kind="classifier")
+    with pytest.raises(GenbenchError, match="unknown feature network 'inception'; valid: classifier, contrastive"):
+        get_feature_network(digits, cache_dir=tmp_path, kind="inception")
     assert not any(tmp_path.iterdir())
+    assert features.default_kind(folder) == "contrastive" and features.default_kind(digits) == "classifier"
+
+
+def test_data_hash_is_the_hash_of_the_whole_float32_splits(digits, monkeypatch):
+    """The hash is taken a chunk at a time; it must be the one of the whole arrays (cache keys of
+    existing networks stay valid), also for uint8 storage and a last partial chunk."""
+    def whole(ds):
+        h = hashlib.sha256(ds.name.encode())
+        for t in (ds.train, ds.test, ds.train_labels, ds.test_labels):
+            a = np.ascontiguousarray(t.numpy())
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(memoryview(a).cast("B"))
+        return h.hexdigest()
+
+    monkeypatch.setattr(features, "HASH_CHUNK_IMAGES", 100)  # 1437 = 14 chunks + 37
+    assert dataset_hash(digits) == whole(digits)
+    g = torch.Generator().manual_seed(0)
+    u8 = ImageDataset("u8", torch.randint(0, 256, (250, 3, 4, 4), dtype=torch.uint8, generator=g),
+                      torch.randint(0, 256, (30, 3, 4, 4), dtype=torch.uint8, generator=g),
+                      torch.zeros(250, dtype=torch.int64), torch.zeros(30, dtype=torch.int64), 1)
+    assert dataset_hash(u8) == whole(u8)
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):

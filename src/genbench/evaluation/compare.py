@@ -34,7 +34,7 @@ from genbench.training.run_folder import RunFolder, lock_folder
 from genbench.training.distributed import env_world
 from genbench.utils import check_seed, default_threads, select_device
 
-from .features import get_feature_network
+from .features import check_kind, get_feature_network
 from .probe import FDProbe
 from .protocol import EvalContext
 from .report import write_reports
@@ -76,6 +76,7 @@ def run_comparison(
     sampler_sweep: Sequence[SamplerConfig] | None = None,
     budget: float | None = None,
     fd_points: int = DEFAULT_FD_POINTS,
+    features: str | None = None,
 ) -> dict:
     """Train (or reuse) `models` (default: all) on `dataset` into `out/<model>/`, evaluate each by the
     same protocol, write `out/metrics.json`, `report.md` and `report.html`, and return the result
@@ -100,7 +101,10 @@ def run_comparison(
     `fd_points` points of its last stage, with the training FLOPs and seconds spent so far (0: off);
     the report draws FD against training compute. `budget`: every model gets this many training
     FLOPs (all stages together): its preset's steps scaled by one factor (genbench.training.budget),
-    recorded as --set items, the same on any machine."""
+    recorded as --set items, the same on any machine.
+
+    `features`: the feature network of every metric and probe, "classifier" or "contrastive"
+    (genbench.evaluation.features; default: the classifier for labelled data, else the contrastive one)."""
     models = list(models) if models else available_models()
     for m in models:
         get_model_class(m)  # unknown model: fail before any work
@@ -126,6 +130,7 @@ def run_comparison(
                             "run it without torchrun (torchrun is for `genbench train`)")
     out = Path(out)
     ds = dataset.load()
+    features = check_kind(ds, features)
     # every model's --set items are valid before any work; the model configs give the samplers to evaluate with
     resolved = {m: resolve_configs(m, dataset.name, ds.shape, preset, per_model_sets[m]) for m in models}
     plans = {}
@@ -145,7 +150,7 @@ def run_comparison(
         sampler.validate()
     with lock_folder(out, "comparison folder"):
         result = _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested, num_samples, eval_limit,
-                                 seed, device, jobs, progress, replace, sweep, plans)
+                                 seed, device, jobs, progress, replace, sweep, plans, features)
     return result
 
 
@@ -159,7 +164,7 @@ def fd_probe_sets(model: str, train_cfg, sets: list[str], points: int) -> list[s
 
 
 def _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested, num_samples, eval_limit, seed, device,
-                    jobs, progress, replace, sampler_sweep, plans) -> dict:
+                    jobs, progress, replace, sampler_sweep, plans, features) -> dict:
     eval_limit = eval_limit or min(len(ds.test_pixels), 2000)
     t0 = time.perf_counter()
     for m in models:  # before any work: a folder made by another request is never reused silently
@@ -176,10 +181,11 @@ def _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested,
             print(f"[compare] {m}: {run.path} held another request; moved to {run.move_aside()}", flush=True)
     pending = [m for m in models if not RunFolder(out / m).is_complete()]
     # the feature network first: the training processes' FD probes load it from the cache
-    print(f"[compare] feature network for {ds.name} ...", flush=True)
-    feats = get_feature_network(ds)
+    print(f"[compare] {features} feature network for {ds.name} ...", flush=True)
+    feats = get_feature_network(ds, kind=features)
     if jobs > 1 and len(pending) > 1:
-        train_in_processes(pending, dataset, ds.shape, out, preset, per_model_sets, jobs, progress=progress)
+        train_in_processes(pending, dataset, ds.shape, out, preset, per_model_sets, jobs, progress=progress,
+                           features=features)
 
     ctx = EvalContext(ds, feats, num_samples=num_samples, eval_limit=eval_limit, seed=seed)
     rows = [ctx.reference_row("train set (floor)", ds.train_pixels), ctx.reference_row("uniform noise (ceiling)", None)]
@@ -187,7 +193,7 @@ def _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested,
         run_dir = out / m
         print(f"[compare] {m}: train (or reuse) in {run_dir}", flush=True)
         train_run(m, ds, run_dir, preset=preset, sets=per_model_sets[m], resume=True, progress=progress,
-                  dataset_spec=dataset, sampler_elsewhere=True, probe=FDProbe(ds))
+                  dataset_spec=dataset, sampler_elsewhere=True, probe=FDProbe(ds, kind=features))
         print(f"[compare] {m}: evaluate", flush=True)
         has_sampler = get_model_class(m).has_sampler
         rows.append(ctx.evaluate_run(run_dir, device=device, sampler=requested[m].sampler if has_sampler else None,
@@ -199,8 +205,7 @@ def _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested,
         "num_samples": num_samples,
         "eval_test_images": eval_limit,
         "seed": seed,
-        "feature_network": {"test_accuracy": feats.test_accuracy, "data_hash": feats.data_hash,
-                            "feature_dim": feats.feature_dim},
+        "feature_network": feats.describe(),
         "rows": rows,
         "wall_time_s": time.perf_counter() - t0,
     }
@@ -237,7 +242,8 @@ def split_model_sets(items: Sequence[str]) -> dict[str, list[str]]:
 
 
 def train_in_processes(models: list[str], spec: DatasetSpec, shape: tuple[int, int, int], out: Path, preset: str,
-                       per_model_sets: dict[str, list[str]], jobs: int, progress: bool = True) -> None:
+                       per_model_sets: dict[str, list[str]], jobs: int, progress: bool = True,
+                       features: str | None = None) -> None:
     """Train `models` with up to `jobs` `genbench train` processes at once (each resumable, its output
     in RUN/train.log). One progress bar over the steps of all models, from their log.jsonl files.
     A failed process stops the comparison with its model, exit status and the end of its log."""
@@ -270,6 +276,8 @@ def train_in_processes(models: list[str], spec: DatasetSpec, shape: tuple[int, i
                        "--resume", "--no-progress", "--no-images"]
                 for item in per_model_sets[m]:
                     cmd += ["--set", item]
+                if features is not None:
+                    cmd += ["--features", features]
                 bar.write(f"[compare] {m}: training in its own process -> {run.train_log}")
                 running[m] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
             time.sleep(1.0)

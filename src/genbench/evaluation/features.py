@@ -1,5 +1,10 @@
-"""The feature network behind FD / KID / PRDC: the classifier of genbench.nets.classifier, trained
-once per dataset on its labelled train split and cached by the dataset's content hash.
+"""The feature network behind FD / KID / PRDC, trained once per dataset and cached by its content hash.
+
+Two kinds (``KINDS``): a labelled dataset gets the classifier of genbench.nets.classifier, trained
+on its labelled train split (below); a dataset without labels (a folder of one's own images, the
+emoji) gets the contrastive network of genbench.evaluation.contrastive, trained self-supervised on
+the train split. ``get_feature_network(dataset, kind=...)`` picks either explicitly (a labelled
+dataset can be judged by both: docs/benchmarks.md compares their rankings on Fashion-MNIST).
 
 Training (genbench.nets.local.train_seeded: AdamW, cosine-decayed learning rate, one CPU thread,
 seeded; random shifts of up to ``max_shift`` pixels as augmentation) reproduces the same weights
@@ -10,7 +15,8 @@ bit for bit on the same machine. Measured with ``genbench features train --datas
 (CPU seconds of the one training thread; wall time grows with whatever else shares the cores:
 13-16 minutes for Fashion-MNIST beside other jobs at a load average of 8 on 2 cores).
 
-Cache (``get_feature_network``): ``<cache>/features/<dataset.name>-<data_hash[:16]>/``, recording
+Cache (``get_feature_network``): ``<cache>/features/<dataset.name>-<data_hash[:16]>/`` (the
+contrastive network: ``<dataset.name>-contrastive-<data_hash[:16]>/``), recording
 the data hash, ``VERSION``, the network and training configs and the test accuracy. When the
 weights are corrupt, or the recorded version/configs differ from the current code's, the network
 is retrained with a warning and the entry replaced.
@@ -33,14 +39,19 @@ from einops import rearrange
 from torch import nn
 
 from genbench.errors import GenbenchError
-from genbench.nets.classifier import FeatureCNN, FeatureNetConfig
+from genbench.nets.classifier import ContrastiveCNN, ContrastiveNetConfig, FeatureCNN, FeatureNetConfig
 from genbench.nets.local import cache_root, load_entry, save_entry, train_seeded
-from genbench.utils import exists
+from genbench.utils import default, exists
+
+from . import contrastive
 
 # Bump when a code change alters trained weights or features: cached networks of another
 # version are retrained (configs alone can't see such changes).
 VERSION = 2
 CACHE_SUBDIR = "features"
+KINDS = ("classifier", "contrastive")
+SCORE_NAMES = {"classifier": "test accuracy", "contrastive": "test view-retrieval accuracy"}
+HASH_CHUNK_IMAGES = 4096  # images converted to float32 at a time while hashing
 STANDARDIZATION_IMAGES = 10_000  # the first train images, un-augmented, fix the feature mean/scale
 
 
@@ -115,15 +126,36 @@ def train_feature_cnn(
     return model
 
 
+class _TrainImages:
+    """A dataset's train images, indexed like a tensor but converted to float32 only where indexed
+    (a batch at a time), so training never holds the whole split as float32."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset.train_pixels)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.dataset.float_images("train", index)
+
+
 # ---------------------------------------------------------------------------------------------
 # the wrapped, cached network
 
 
 def dataset_hash(dataset) -> str:
-    """sha256 over the dataset's name, the shapes and raw bytes of train/test images and labels."""
+    """sha256 over the dataset's name, the shapes and float32 bytes of train/test images (converted
+    HASH_CHUNK_IMAGES at a time: the bytes of the whole float32 split, without holding it) and labels."""
     h = hashlib.sha256()
     h.update(dataset.name.encode())
-    for t in (dataset.train, dataset.test, dataset.train_labels, dataset.test_labels):
+    for split in ("train", "test"):
+        pixels = dataset.train_pixels if split == "train" else dataset.test_pixels
+        h.update(f"float32{tuple(pixels.shape)}".encode())
+        for i in range(0, len(pixels), HASH_CHUNK_IMAGES):
+            chunk = dataset.float_images(split, slice(i, i + HASH_CHUNK_IMAGES)).detach().cpu().contiguous().numpy()
+            h.update(memoryview(chunk).cast("B"))
+    for t in (dataset.train_labels, dataset.test_labels):
         if exists(t):
             array = np.ascontiguousarray(t.detach().cpu().numpy())
             h.update(f"{array.dtype}{array.shape}".encode())
@@ -135,18 +167,24 @@ def dataset_hash(dataset) -> str:
 
 @dataclass
 class FeatureNetwork:
-    """A trained FeatureCNN plus what it was trained on. Always evaluated on CPU in float32,
-    so features (and every metric computed from them) do not depend on the sampling device."""
+    """A trained feature network (``kind``: a FeatureCNN classifier or a ContrastiveCNN) plus what it
+    was trained on. Always evaluated on CPU in float32, so features (and every metric computed from
+    them) do not depend on the sampling device."""
 
     model: FeatureCNN
     shape: tuple[int, int, int]  # (C, H, W) it was trained on
     dataset_name: str
     data_hash: str
-    test_accuracy: float
+    test_accuracy: float  # the classifier's test accuracy; the contrastive net's view-retrieval accuracy
     train_seconds: float = 0.0  # wall clock: grows with whatever else shares the cores
     train_cpu_seconds: float = 0.0
     directory: Path | None = None  # cache folder it lives in, if any
     meta: dict = field(default_factory=dict)
+    kind: str = "classifier"
+
+    @property
+    def score_name(self) -> str:
+        return SCORE_NAMES[self.kind]
 
     @property
     def feature_dim(self) -> int:
@@ -154,7 +192,13 @@ class FeatureNetwork:
 
     @property
     def num_classes(self) -> int:
-        return self.model.config.num_classes
+        """Classes of the classifier; modes (k-means centres of the train features) of the contrastive net."""
+        return self.model.config.num_modes if self.kind == "contrastive" else self.model.config.num_classes
+
+    def describe(self) -> dict:
+        """What a comparison records of it (result["feature_network"])."""
+        return {"kind": self.kind, "test_accuracy": self.test_accuracy, "score_name": self.score_name,
+                "data_hash": self.data_hash, "feature_dim": self.feature_dim, "num_classes": self.num_classes}
 
     def _check_images(self, images) -> torch.Tensor:
         if isinstance(images, np.ndarray):
@@ -184,8 +228,14 @@ class FeatureNetwork:
         return torch.cat(feats).numpy() if feats else np.zeros((0, self.feature_dim), np.float32)
 
     def predict(self, images, batch_size: int = 512) -> np.ndarray:
-        """(N, C, H, W) images in [0, 1] -> (N,) int64 predicted class labels."""
+        """(N, C, H, W) images in [0, 1] -> (N,) int64: the predicted class (classifier) or the
+        nearest mode (contrastive)."""
         images = self._check_images(images)
+        if self.kind == "contrastive":
+            self.model.eval()
+            with torch.no_grad():
+                modes = [self.model.predict_modes(images[i: i + batch_size]) for i in range(0, len(images), batch_size)]
+            return torch.cat(modes).numpy() if modes else np.zeros(0, np.int64)
         return _predict_logits(self.model, images, batch_size).argmax(1).numpy()
 
 
@@ -194,49 +244,77 @@ def default_cache_dir() -> Path:
     return cache_root(CACHE_SUBDIR)
 
 
-def _configs(dataset) -> tuple[FeatureNetConfig, FeatureTrainConfig]:
+def default_kind(dataset) -> str:
+    """The classifier where the dataset has labels, else the contrastive network."""
+    return "classifier" if exists(dataset.train_labels) and exists(dataset.num_classes) else "contrastive"
+
+
+def check_kind(dataset, kind: str | None) -> str:
+    """``kind``, or the dataset's default kind when None; a GenbenchError when it can't serve ``dataset``."""
+    kind = default(kind, default_kind(dataset))
+    if kind not in KINDS:
+        raise GenbenchError(f"unknown feature network {kind!r}; valid: {', '.join(KINDS)}")
+    if kind == "classifier" and default_kind(dataset) != "classifier":
+        raise GenbenchError(
+            f"dataset {dataset.name!r} has no labels: the classifier feature network needs labelled train "
+            "images; use the contrastive one (the default for unlabelled data)"
+        )
+    return kind
+
+
+def _configs(dataset, kind: str) -> tuple:
+    if kind == "contrastive":
+        return ContrastiveNetConfig(tuple(dataset.shape)), contrastive.default_train_config(dataset.name)
     return FeatureNetConfig(tuple(dataset.shape), dataset.num_classes), default_train_config(dataset.name)
+
+
+def _build(kind: str, net_config) -> FeatureCNN:
+    return ContrastiveCNN(net_config) if kind == "contrastive" else FeatureCNN(net_config)
 
 
 def _json_ready(config) -> dict:
     return json.loads(json.dumps(asdict(config)))  # tuples -> lists, as they come back from disk
 
 
-def _require_labels(dataset) -> None:
-    if not exists(dataset.train_labels) or not exists(dataset.num_classes):
-        raise GenbenchError(
-            f"dataset {dataset.name!r} has no labels: the feature network is a classifier trained on "
-            "labelled train images, so FD/KID/PRDC are unavailable for it"
-        )
-
-
-def train_feature_network(dataset, log_every: int = 0) -> FeatureNetwork:
-    """Train (no cache) a FeatureNetwork on a labelled ImageDataset and measure its test accuracy."""
-    _require_labels(dataset)
-    net_config, train_config = _configs(dataset)
+def train_feature_network(dataset, log_every: int = 0, kind: str | None = None) -> FeatureNetwork:
+    """Train (no cache) a FeatureNetwork of ``kind`` (default: ``default_kind``) on an ImageDataset
+    and measure its test score."""
+    kind = check_kind(dataset, kind)
+    net_config, train_config = _configs(dataset, kind)
     start, cpu_start = time.perf_counter(), time.process_time()
-    model = train_feature_cnn(dataset.train, dataset.train_labels, net_config, train_config, log_every)
+    if kind == "contrastive":
+        model = contrastive.train_contrastive_cnn(dataset, net_config, train_config, log_every)
+    else:
+        model = train_feature_cnn(_TrainImages(dataset), dataset.train_labels, net_config, train_config, log_every)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    test = dataset.float_images("test")
+    if kind == "contrastive":
+        score = contrastive.view_retrieval_accuracy(model, test, train_config)
+    else:
+        score = _accuracy(model, test, dataset.test_labels)
     return FeatureNetwork(
         model=model,
         shape=tuple(dataset.shape),
         dataset_name=dataset.name,
         data_hash=dataset_hash(dataset),
-        test_accuracy=_accuracy(model, dataset.test, dataset.test_labels),
+        test_accuracy=score,
         train_seconds=seconds,
         train_cpu_seconds=cpu_seconds,
         meta={"net_config": _json_ready(net_config), "train_config": _json_ready(train_config)},
+        kind=kind,
     )
 
 
-def _load(directory: Path, dataset, data_hash: str) -> FeatureNetwork | None:
+def _load(directory: Path, dataset, data_hash: str, kind: str) -> FeatureNetwork | None:
     """The cached network, or None (with a warning saying why, unless there is none) to retrain."""
-    net_config, train_config = _configs(dataset)
+    net_config, train_config = _configs(dataset, kind)
     expect = {"data_hash": data_hash, "version": VERSION, "net_config": _json_ready(net_config),
               "train_config": _json_ready(train_config)}
+    if kind != "classifier":  # classifier entries predate the field
+        expect["kind"] = kind
     config, weights, why = load_entry(directory, expect)
     if config is not None:
-        model = FeatureCNN(net_config)
+        model = _build(kind, net_config)
         try:
             model.load_state_dict(weights)
             test_accuracy = float(config["test_accuracy"])
@@ -257,22 +335,26 @@ def _load(directory: Path, dataset, data_hash: str) -> FeatureNetwork | None:
         train_cpu_seconds=float(config.get("train_cpu_seconds", 0.0)),
         directory=directory,
         meta={"net_config": config["net_config"], "train_config": config["train_config"]},
+        kind=kind,
     )
 
 
-def get_feature_network(dataset, cache_dir: str | os.PathLike | None = None, log_every: int = 0) -> FeatureNetwork:
-    """The feature network for ``dataset`` (a labelled ``genbench.data.ImageDataset``): loaded
-    from ``<cache_dir>/<name>-<data_hash[:16]>/`` when a valid entry is there, else trained and
-    saved there. ``cache_dir`` defaults to ``default_cache_dir()``. Datasets without labels
-    (``folder``) raise GenbenchError: there is nothing to train the classifier on."""
-    _require_labels(dataset)
+def get_feature_network(dataset, cache_dir: str | os.PathLike | None = None, log_every: int = 0,
+                        kind: str | None = None) -> FeatureNetwork:
+    """The feature network of ``kind`` for ``dataset`` (a ``genbench.data.ImageDataset``; ``kind``
+    defaults to ``default_kind``: the classifier for labelled data, the contrastive network for the
+    rest): loaded from ``<cache_dir>/<name>[-contrastive]-<data_hash[:16]>/`` when a valid entry is
+    there, else trained and saved there. ``cache_dir`` defaults to ``default_cache_dir()``."""
+    kind = check_kind(dataset, kind)
     data_hash = dataset_hash(dataset)
-    directory = cache_root(CACHE_SUBDIR, cache_dir) / f"{dataset.name}-{data_hash[:16]}"
-    net = _load(directory, dataset, data_hash)
+    infix = "" if kind == "classifier" else f"-{kind}"
+    directory = cache_root(CACHE_SUBDIR, cache_dir) / f"{dataset.name}{infix}-{data_hash[:16]}"
+    net = _load(directory, dataset, data_hash, kind)
     if not exists(net):
-        net = train_feature_network(dataset, log_every)
+        net = train_feature_network(dataset, log_every, kind)
         save_entry(directory, net.model, {
             "dataset": net.dataset_name, "data_hash": net.data_hash, "shape": list(net.shape),
+            "kind": kind, "score_name": net.score_name,
             "test_accuracy": net.test_accuracy, "train_seconds": net.train_seconds,
             "train_cpu_seconds": net.train_cpu_seconds, "version": VERSION, **net.meta,
         })

@@ -27,13 +27,14 @@ class FDProbe:
     features are built on the first call (the network is cached on disk, genbench.nets.local)."""
 
     def __init__(self, ds, num_samples: int = 500, seed: int = 0, sampler: SamplerConfig | None = PROBE_SAMPLER,
-                 batch_size: int = 500):
+                 batch_size: int = 500, kind: str | None = None):
         self.ds, self.num_samples, self.seed, self.sampler, self.batch_size = ds, num_samples, seed, sampler, batch_size
+        self.kind = kind  # the feature network's (genbench.evaluation.features.KINDS; None: the dataset's default)
         self._feats = self._real = None
 
     def _features(self):
         if self._feats is None:
-            self._feats = get_feature_network(self.ds)
+            self._feats = get_feature_network(self.ds, kind=self.kind)
             self._real = self._feats.features(self.ds.test)
         return self._feats, self._real
 
@@ -46,7 +47,8 @@ class FDProbe:
         gen = torch.Generator(device=device).manual_seed(self.seed)
         images = torch.cat([model.sample(min(self.batch_size, self.num_samples - i), generator=gen).float().cpu()
                             for i in range(0, self.num_samples, self.batch_size)]).clamp(0, 1)
-        result = {"fd": metrics.frechet_distance(feats.features(images), real), "fd_samples": self.num_samples}
+        result = {"fd": metrics.frechet_distance(feats.features(images), real), "fd_samples": self.num_samples,
+                  "fd_features": feats.kind}
         if model.has_sampler:
             result["fd_sampler"] = model.config.sampler.describe(model.diffusion.num_timesteps)
         return result

@@ -123,13 +123,27 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def feature_network_text(net: dict) -> str:
+    """Which feature network the metrics were computed in, and how good it is, in words."""
+    if net.get("kind", "classifier") == "contrastive":
+        return (f"genbench's own self-supervised (SimCLR) network trained on the train split, no labels used "
+                f"({net.get('score_name', 'test view-retrieval accuracy')} {net['test_accuracy']:.3f})")
+    return f"genbench's own classifier (test accuracy {net['test_accuracy']:.3f})"
+
+
+def classes_text(net: dict) -> str:
+    if net.get("kind", "classifier") == "contrastive":
+        return f"samples' nearest of {net.get('num_classes', 10)} k-means modes of the train features"
+    return "classifier's predicted classes"
+
+
 def render_markdown(result: dict) -> str:
     ds = result["dataset"]["name"]
     lines = [
         f"# genbench comparison on {ds} ({result['preset']} preset)",
         "",
-        f"{result['num_samples']} samples per model against the {ds} test set; features from genbench's own "
-        f"classifier (test accuracy {result['feature_network']['test_accuracy']:.3f}). Best model value per "
+        f"{result['num_samples']} samples per model against the {ds} test set; features from "
+        f"{feature_network_text(result['feature_network'])}. Best model value per "
         "column in bold. Reference rows use the same protocol.",
         "",
         *[f"- **{aspect}.** {text}" for aspect, text in summary(result["rows"])],
@@ -248,8 +262,8 @@ def render_html(result: dict) -> str:
         f"<title>genbench comparison: {esc(ds)}</title><style>{CSS}</style></head><body>",
         f"<h1>genbench comparison on {esc(ds)} <small>({esc(result['preset'])} preset)</small></h1>",
         f"<p class='note'>{result['num_samples']} samples per model, scored against the {esc(ds)} test set in the "
-        f"feature space of genbench's own classifier (test accuracy {result['feature_network']['test_accuracy']:.3f}; "
-        "no ImageNet weights exist offline). Reconstruction and likelihood on "
+        f"feature space of {esc(feature_network_text(result['feature_network']))} "
+        "(no ImageNet weights exist offline). Reconstruction and likelihood on "
         f"{result['eval_test_images']} test images. Best model value per column highlighted; grey rows are "
         "references computed the same way. Whole comparison: "
         f"{result['wall_time_s']:.0f} s. {html.escape(budget_note(result))}</p>",
@@ -272,7 +286,7 @@ def render_html(result: dict) -> str:
     parts.append("</tbody></table>")
     parts.append("<p class='note'>FD: Fréchet distance; KID: kernel distance (unbiased MMD², cubic kernel); "
                  "precision/recall/density/coverage: k-NN manifolds (k=5); class entropy: normalised entropy of the "
-                 "classifier's predicted classes (1 = all classes equally, 0 = mode collapse); NN-dist ratio: median "
+                 + classes_text(result["feature_network"]) + " (1 = all equally, 0 = mode collapse); NN-dist ratio: median "
                  "distance of samples to their nearest training image over the same for test images (≈1 generalises, "
                  "→0 copies). bits/dim: " + "; ".join(f"{esc(r['name'])}: {esc(str(r.get('bpd_estimator')))}"
                                                       for r in rows if r["kind"] == "model") + ".</p>")

@@ -1,4 +1,4 @@
-"""The evaluation classifier: the network whose features FD / KID / PRDC are computed in.
+"""The evaluation networks: the networks whose features FD / KID / PRDC are computed in.
 
 FID's Inception-v3 can't be downloaded here and was never trained on 8x8 digits or
 Fashion-MNIST anyway, so genbench trains this small CNN per dataset (genbench.evaluation.features):
@@ -16,6 +16,12 @@ is flattened rather than pooled further because where a part sits matters on the
 datasets (in 400-step Fashion-MNIST trials, pooling to 4x4 / 2x2 cost 3 / 8 points).
 GroupNorm rather than BatchNorm: an image's features never depend on which other images
 share its batch, nor on train/eval mode.
+
+``ContrastiveCNN`` is the same trunk for datasets without labels (trained self-supervised by
+genbench.evaluation.contrastive): the head is SimCLR's projection MLP (Chen et al. 2020, sec. 2.1:
+the loss is taken after it, the representation used is before it), and ``mode_centroids`` hold
+k-means centres of the training set's features, so that ``predict`` can say which of K modes of the
+data an image falls in: the class histogram of a labelled dataset, for an unlabelled one.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ class FeatureNetConfig:
 
 
 class FeatureCNN(nn.Module):
-    def __init__(self, config: FeatureNetConfig):
+    def __init__(self, config):
         super().__init__()
         self.config = config
         blocks, channels = [], config.image_shape[0]
@@ -58,10 +64,13 @@ class FeatureCNN(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(config.pooled_size)  # identity for 8x8 and 28x28 images
         self.to_features = nn.Linear(channels * math.prod(config.pooled_size), config.feature_dim)
-        self.head = nn.Linear(config.feature_dim, config.num_classes)
+        self.head = self.build_head(config)
         # set by fit_feature_standardization after training; saved with the weights
         self.register_buffer("feature_mean", torch.zeros(config.feature_dim))
         self.register_buffer("feature_scale", torch.ones(()))
+
+    def build_head(self, config) -> nn.Module:
+        return nn.Linear(config.feature_dim, config.num_classes)
 
     def raw_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, feature_dim): the penultimate layer, before its ReLU."""
@@ -83,3 +92,37 @@ class FeatureCNN(nn.Module):
         raw = torch.cat([self.raw_features(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
         self.feature_mean.copy_(raw.mean(0))
         self.feature_scale.copy_(raw.var(0).mean().sqrt())
+
+
+@dataclass
+class ContrastiveNetConfig:
+    """FeatureNetConfig's trunk with a projection head instead of a classifier."""
+
+    image_shape: tuple[int, int, int]
+    widths: tuple[int, ...] = (16, 32, 64)
+    groups: int = 8
+    max_pool_size: int = 7
+    feature_dim: int = 128
+    projection_dim: int = 64  # where the contrastive loss is taken
+    num_modes: int = 10  # k-means centres of the train features (the unlabelled "class histogram")
+
+    @property
+    def pooled_size(self) -> tuple[int, int]:
+        return FeatureNetConfig.pooled_size.fget(self)
+
+
+class ContrastiveCNN(FeatureCNN):
+    """FeatureCNN's trunk -> 128-d features (used by the metrics) -> ReLU -> linear -> ReLU ->
+    linear -> projection (used by the loss only)."""
+
+    def __init__(self, config: ContrastiveNetConfig):
+        super().__init__(config)
+        self.register_buffer("mode_centroids", torch.zeros(config.num_modes, config.feature_dim))
+
+    def build_head(self, config: ContrastiveNetConfig) -> nn.Module:
+        return nn.Sequential(nn.Linear(config.feature_dim, config.feature_dim), nn.ReLU(),
+                             nn.Linear(config.feature_dim, config.projection_dim))
+
+    def predict_modes(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B,) index of the nearest mode centroid in the standardised feature space."""
+        return torch.cdist(self.features(x), self.mode_centroids).argmin(1)
