@@ -175,6 +175,10 @@ def cmd_features_train(args) -> int:
 # ---------------------------------------------------------------- parser
 
 
+FEATURES_HELP = ("the feature network of FD/KID/PRDC: classifier (trained on the labels; the default for labelled "
+                 "data) | contrastive (self-supervised; the default for data without labels)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log the FD of --fd-samples samples every N steps of the last stage, with the training "
                         "compute spent (= --set train.fd_every=N; default off)")
     p.add_argument("--fd-samples", type=int, default=500, help="samples per FD probe (default 500)")
-    p.add_argument("--features", default=None, metavar="KIND", help="the feature network of FD/KID/PRDC: classifier (labelled data; the default there) | contrastive (self-supervised; the default without labels)")
+    p.add_argument("--features", default=None, metavar="KIND", help=FEATURES_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="draw samples from a trained run")
@@ -259,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fd-points", type=int, default=8,
                    help="FD probes during each model's last stage, for the report's FD against training "
                         "compute (default 8; 0: none)")
-    p.add_argument("--features", default=None, metavar="KIND", help="the feature network of FD/KID/PRDC: classifier (labelled data; the default there) | contrastive (self-supervised; the default without labels)")
+    p.add_argument("--features", default=None, metavar="KIND", help=FEATURES_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
 
@@ -267,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     fsub = p.add_subparsers(dest="features_command", required=True)
     p = fsub.add_parser("train", help="train (or load from the cache) the feature network of a dataset")
     _dataset_args(p)
-    p.add_argument("--kind", default=None, help="the feature network of FD/KID/PRDC: classifier (labelled data; the default there) | contrastive (self-supervised; the default without labels)")
+    p.add_argument("--kind", default=None, help=FEATURES_HELP)
     p.set_defaults(func=cmd_features_train)
     return parser
 

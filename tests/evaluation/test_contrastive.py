@@ -167,3 +167,17 @@ def test_unlabelled_data_get_the_contrastive_network_with_modes_from_pixels(tmp_
     assert net.kind == "contrastive" and net.directory.name.startswith("folder-contrastive-")
     lad = degradation_ladder(net, ds, num_images=30)
     assert lad["mode_source"] == "k-means of pixels" and lad["num_images"] == 30
+
+
+def test_features_train_command(tmp_path, monkeypatch, capsys):
+    from genbench.cli import main
+
+    monkeypatch.setenv("GENBENCH_CACHE", str(tmp_path))
+    monkeypatch.setitem(contrastive.TRAIN_PRESETS, "digits", ContrastiveTrainConfig(steps=3, batch_size=16))
+    assert main(["features", "train", "--dataset", "digits", "--kind", "contrastive"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("contrastive feature network for digits: test view-retrieval accuracy 0.")
+    assert str(tmp_path / "features" / "digits-contrastive-") in out
+    assert main(["features", "train", "--dataset", "digits", "--kind", "vgg"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown feature network 'vgg'" in err[0]

@@ -1,0 +1,77 @@
+"""Do two feature networks rank the same models alike? (issue 16: on Fashion-MNIST, where both exist.)
+
+    python benchmarks/bench_feature_ranking.py RUN_DIR [RUN_DIR ...] [--num-samples 5000] [--seed 0] \
+        [--out ranking.json]
+
+Every run (finished `genbench train` / `compare` folders of one dataset) draws the same number of
+samples with the same seed (diffusion models with their run's own sampler); their FD to the test
+split is computed in the classifier's features and in the self-supervised network's
+(genbench.evaluation.features, both from the cache or trained now). Prints a Markdown table (FD and
+rank under each) and Spearman's rho and Kendall's tau between the two rankings (scipy.stats);
+the same with the train split and uniform noise added as reference rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from scipy.stats import kendalltau, rankdata, spearmanr
+
+from genbench.data import DatasetSpec, unit_float
+from genbench.evaluation import metrics
+from genbench.evaluation.features import KINDS, get_feature_network
+from genbench.evaluation.trained_run import TrainedRun
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--num-samples", type=int, default=5000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    runs = [TrainedRun(path, device="cpu") for path in args.runs]
+    specs = {json.dumps(r.info["dataset"], sort_keys=True) for r in runs}
+    if len(specs) != 1:
+        raise SystemExit(f"the runs were trained on different datasets: {sorted(specs)}")
+    ds = DatasetSpec.from_dict(runs[0].info["dataset"]).load()
+    nets = {kind: get_feature_network(ds, kind=kind) for kind in KINDS}
+    real = {kind: net.features(ds.test) for kind, net in nets.items()}
+    g = torch.Generator().manual_seed(args.seed)
+    images = {"train set": unit_float(ds.train_pixels[torch.randperm(len(ds.train_pixels), generator=g)[:args.num_samples]]),
+              "uniform noise": torch.rand((args.num_samples, *ds.shape), generator=g)}
+    for path, run in zip(args.runs, runs):
+        t0 = time.perf_counter()
+        images[f"{run.name} ({path.name})"] = run.sample(args.num_samples, seed=args.seed).clamp(0, 1)
+        print(f"{path}: {args.num_samples} samples in {time.perf_counter() - t0:.0f} s", flush=True)
+    fd = {kind: {name: metrics.frechet_distance(net.features(x), real[kind]) for name, x in images.items()}
+          for kind, net in nets.items()}
+    models = [name for name in images if name not in ("train set", "uniform noise")]
+    result = {"dataset": ds.name, "num_samples": args.num_samples, "seed": args.seed, "fd": fd,
+              "scores": {k: {"name": n.score_name, "value": n.test_accuracy} for k, n in nets.items()}}
+    for label, names in (("models", models), ("models + references", list(images))):
+        a, b = [fd["classifier"][n] for n in names], [fd["contrastive"][n] for n in names]
+        result[label] = {"spearman_rho": spearmanr(a, b).statistic, "kendall_tau": kendalltau(a, b).statistic,
+                         "same_order": list(rankdata(a)) == list(rankdata(b))}
+    ranks = {k: dict(zip(models, rankdata([fd[k][n] for n in models]).astype(int).tolist())) for k in KINDS}
+    print(f"\n{ds.name}, {args.num_samples} samples per row, seed {args.seed}\n")
+    print("| row | FD, classifier | rank | FD, contrastive | rank |\n|---|---|---|---|---|")
+    for name in images:
+        rc = ranks["classifier"].get(name, "-")
+        rs = ranks["contrastive"].get(name, "-")
+        print(f"| {name} | {fd['classifier'][name]:.3f} | {rc} | {fd['contrastive'][name]:.3f} | {rs} |")
+    for label in ("models", "models + references"):
+        r = result[label]
+        print(f"\n{label}: Spearman rho {r['spearman_rho']:.3f}, Kendall tau {r['kendall_tau']:.3f}, "
+              f"same order: {r['same_order']}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
