@@ -289,6 +289,16 @@ def test_memorization_flags_copies_of_training_images():
     assert fresh["threshold"] == pytest.approx(np.percentile(d, 1.0), rel=1e-10)
 
 
+def test_memorization_over_chunks_of_the_train_set_equals_the_whole():
+    rng = np.random.default_rng(1)
+    train, test, samples = rng.random((300, 1, 8, 8)), rng.random((50, 1, 8, 8)), rng.random((40, 1, 8, 8))
+    whole = memorization(samples, train, test)
+    chunked = memorization(samples, (train[i: i + 70] for i in range(0, 300, 70)), test)  # 4 x 70 + 20
+    assert chunked == pytest.approx(whole, rel=1e-12)
+    with pytest.raises(GenbenchError, match="train: holds no images"):
+        memorization(samples, [], test)
+
+
 def test_memorization_rejects_bad_input():
     x = np.zeros((10, 1, 8, 8))
     with pytest.raises(GenbenchError, match="samples has 49 dims per item but train has 64"):

@@ -31,6 +31,7 @@ from .trained_run import interleave
 SAMPLE_BATCH = 500
 GRID_SIDE = 40  # images in the report's grids are drawn at least this many pixels wide (nearest-neighbour)
 TRAJECTORY_SAMPLES = 2
+MEMORIZATION_CHUNK = 8192  # train images converted (to float64 inside) at a time for the memorisation metric
 
 
 class EvalContext:
@@ -51,7 +52,7 @@ class EvalContext:
                                                     subset_size=min(1000, len(f), len(self.real_feats)), seed=self.seed)
         prdc = metrics.precision_recall_density_coverage(self.real_feats, f, k=5)
         hist = metrics.class_histogram_stats(self.feats.predict(images), self.feats.num_classes)
-        mem = metrics.memorization(images[:1000], self.ds.train, self.ds.test[:1000])
+        mem = metrics.memorization(images[:1000], self.train_chunks(), self.ds.test[:1000])
         return {
             "fd": metrics.frechet_distance(f, self.real_feats),
             "kid": kid_mean, "kid_std": kid_std,
@@ -60,6 +61,11 @@ class EvalContext:
             "class_histogram": hist.get("histogram"),
             "memorization_ratio": mem["ratio"], "memorization_fraction_closer": mem["fraction_closer"],
         }
+
+    def train_chunks(self):
+        """The train split as float32, MEMORIZATION_CHUNK images at a time (memory bounded for any size)."""
+        n = len(self.ds.train_pixels)
+        return (self.ds.float_images("train", slice(i, i + MEMORIZATION_CHUNK)) for i in range(0, n, MEMORIZATION_CHUNK))
 
     def reconstruction_fd(self, rec: torch.Tensor) -> float:
         """Frechet distance between the reconstructions of the evaluated test images and those test
