@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages genbench uses, from Debian, installed when missing and we can (root or sudo -n):
-#   data      dataset-fashion-mnist (idx .gz files in /usr/share/datasets/fashion-mnist);
-#             skipped when GENBENCH_DATA points elsewhere
+#   data      dataset-fashion-mnist (idx .gz files in /usr/share/datasets/fashion-mnist),
+#             skipped when GENBENCH_DATA points elsewhere; fonts-noto-color-emoji (the font the
+#             emoji dataset is rendered from), skipped when GENBENCH_DATA holds NotoColorEmoji.ttf
 #   chromium  headless browser for the report test (tests/evaluation/test_compare_report.py)
 # Nothing here is fatal: without a package the tests that need it are skipped with the reason.
 set -u
@@ -26,6 +27,11 @@ for what in "$@"; do
     data)
       if [ -z "${GENBENCH_DATA:-}" ] && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
         install dataset-fashion-mnist "Fashion-MNIST"
+      fi
+      emoji_font=NotoColorEmoji.ttf
+      if [ ! -f "/usr/share/fonts/truetype/noto/$emoji_font" ] && [ ! -f "${GENBENCH_DATA:-/nonexistent}/$emoji_font" ] &&
+         [ ! -f "${GENBENCH_DATA:-/nonexistent}/emoji/$emoji_font" ]; then
+        install fonts-noto-color-emoji "the emoji dataset's font"
       fi ;;
     chromium)
       command -v chromium >/dev/null || install chromium "headless Chromium for the report test" ;;

@@ -26,10 +26,11 @@ from .files import check_output_file
 
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, help="digits | fashion-mnist | mnist | folder")
+    p.add_argument("--dataset", required=True, help="digits | fashion-mnist | mnist | folder | emoji")
     p.add_argument("--data-dir", default=None,
-                   help="folder of the idx files (or images for 'folder'); default: $GENBENCH_DATA, "
-                        "then /usr/share/datasets/<name> (Debian package dataset-fashion-mnist)")
+                   help="folder of the idx files (or images for 'folder', or NotoColorEmoji.ttf for 'emoji'); "
+                        "default: $GENBENCH_DATA, then /usr/share/datasets/<name> (Debian package "
+                        "dataset-fashion-mnist) or /usr/share/fonts/truetype/noto (fonts-noto-color-emoji)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this side")
     p.add_argument("--limit", type=int, default=None, help="use only the first N train/test images")
 

@@ -111,9 +111,9 @@ def test_digits_limit_resize_and_fresh_tensors():
 
 
 def test_bad_arguments():
-    with pytest.raises(GenbenchError, match=r"unknown dataset 'cifar'.*digits, fashion-mnist, mnist, folder"):
+    with pytest.raises(GenbenchError, match=r"unknown dataset 'cifar'.*digits, fashion-mnist, mnist, folder, emoji"):
         load_dataset("cifar")
-    assert DATASETS == ("digits", "fashion-mnist", "mnist", "folder")
+    assert DATASETS == ("digits", "fashion-mnist", "mnist", "folder", "emoji")
     with pytest.raises(GenbenchError, match="limit must be a positive integer, got 0"):
         load_dataset("digits", limit=0)
     with pytest.raises(GenbenchError, match="image_size must be a positive integer, got 2.5"):

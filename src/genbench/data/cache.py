@@ -1,9 +1,10 @@
-"""A decoded image folder kept on disk, so that the next run reads it instead of decoding again.
+"""A decoded image folder (or the rendered emoji font) kept on disk, so that the next run reads it
+instead of decoding again.
 
 Decoding, cropping and resizing 100,000 PNGs takes minutes; reading them back as one array takes
-well under a second. One entry per folder and request::
+well under a second. One entry per source (a folder, a font file) and request::
 
-    <$GENBENCH_CACHE or ~/.cache/genbench>/datasets/folder-<hash of the folder's path and the request>/
+    <$GENBENCH_CACHE or ~/.cache/genbench>/datasets/<kind>-<hash of the source's path and the request>/
         pixels-<key>.npy   the decoded images, (N, C, S, S) uint8 (float32 for 16-bit greyscale
                            folders): a plain .npy, written and read with allow_pickle=False
         index.json         names that file, with its key, shape and dtype; written last
@@ -53,14 +54,22 @@ def content_key(request: dict, files: Iterable[tuple[str, int, int]]) -> str:
     return h.hexdigest()
 
 
-def entry_dir(root: Path, request: dict, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The entry of the folder at `root` (resolved) for `request`; one per folder and request."""
+def entry_dir(root: Path, request: dict, cache_dir: str | os.PathLike | None = None, kind: str = "folder") -> Path:
+    """The entry of the source at `root` (resolved: a folder, or the emoji font file) for `request`;
+    one per source and request, named ``<kind>-<hash>``."""
     name = json.dumps({"root": str(root.resolve()), **request}, sort_keys=True)
-    return cache_root(CACHE_KIND, cache_dir) / f"folder-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    return cache_root(CACHE_KIND, cache_dir) / f"{kind}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
 
 
 def read_entry(entry: Path, key: str) -> np.ndarray | None:
     """The images, mapped copy-on-write, when `entry` holds those of `key`; else None."""
+    found = read_entry_with_index(entry, key)
+    return None if found is None else found[0]
+
+
+def read_entry_with_index(entry: Path, key: str) -> tuple[np.ndarray, dict] | None:
+    """(the images, mapped copy-on-write; index.json as written) when `entry` holds those of `key`;
+    else None. The index is read once, so the two always belong together."""
     try:
         index = json.loads((entry / INDEX_FILE).read_text())
         if not isinstance(index, dict) or index.get("key") != key:
@@ -70,7 +79,7 @@ def read_entry(entry: Path, key: str) -> np.ndarray | None:
         return None
     if list(pixels.shape) != index.get("shape") or str(pixels.dtype) != index.get("dtype") or pixels.ndim != 4:
         return None
-    return pixels
+    return pixels, index
 
 
 def write_entry(entry: Path, key: str, shape: tuple[int, ...], dtype: np.dtype, images: Iterable[np.ndarray],
