@@ -4,7 +4,8 @@
         [--out ranking.json]
 
 Every run (finished `genbench train` / `compare` folders of one dataset) draws the same number of
-samples with the same seed (diffusion models with their run's own sampler); their FD to the test
+samples with the same seed (diffusion models with DPM-Solver++(2M) at 10 calls unless --sampler
+says otherwise); their FD to the test
 split is computed in the classifier's features and in the self-supervised network's
 (genbench.evaluation.features, both from the cache or trained now). Prints a Markdown table (FD and
 rank under each) and Spearman's rho and Kendall's tau between the two rankings (scipy.stats);
@@ -32,9 +33,14 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--num-samples", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sampler", default="dpm++2m:10", metavar="NAME:STEPS",
+                    help="diffusion models sample with this (default dpm++2m:10; '' keeps each run's own)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     runs = [TrainedRun(path, device="cpu") for path in args.runs]
+    if args.sampler:
+        name, steps = args.sampler.split(":")
+        runs = [r.with_sampler(name, int(steps)) if r.model.has_sampler else r for r in runs]
     specs = {json.dumps(r.info["dataset"], sort_keys=True) for r in runs}
     if len(specs) != 1:
         raise SystemExit(f"the runs were trained on different datasets: {sorted(specs)}")
