@@ -67,7 +67,7 @@ def test_over_a_thousand_distinct_colour_images_without_labels(rendered):
     assert ds.train_pixels.dtype == ds.test_pixels.dtype == torch.uint8 and ds.shape == (3, 32, 32)
     everything = torch.cat([ds.train_pixels, ds.test_pixels]).flatten(1)
     assert len(torch.unique(everything, dim=0)) == len(everything) >= 1000
-    assert (len(ds.train_pixels), len(ds.test_pixels)) == (1393, 250)  # Debian 12's font (see the docstring)
+    assert len(ds.test_pixels) >= 200  # FD is computed against the test split (Debian 12's font: 1393 / 250)
     assert int(everything.min()) == 0 and int(everything.max()) == 255
     # no image is blank (one colour all over)
     assert (everything.float().std(1) > 10).all()
@@ -76,7 +76,7 @@ def test_over_a_thousand_distinct_colour_images_without_labels(rendered):
 @needs_font
 def test_the_sequences_are_singles_flags_and_keycaps():
     sequences = emoji.emoji_sequences(emoji.SYSTEM_FONT)
-    assert len(sequences) == len(set(sequences)) == 1651
+    assert len(sequences) == len(set(sequences)) >= 1500  # Debian 12's font: 1381 + 258 + 12 = 1651
     assert "\U0001F600" in sequences and "\U0001F1FA\U0001F1F8" in sequences and "#\u20e3" in sequences
     assert all(not ("\U0001F3FB" <= c <= "\U0001F3FF") for s in sequences for c in s)  # no skin tones
     assert not any(len(s) == 1 and ord(s) < 0x80 for s in sequences)  # no plain digits
@@ -180,10 +180,14 @@ def test_limit_and_shard_are_views_of_the_same_images(rendered):
 
 
 @needs_font
-def test_image_size_64(cache_dir):
+def test_image_size_64(rendered, cache_dir):
+    small, _ = rendered
     ds = load_dataset("emoji", image_size=64, progress=False)
     assert ds.shape == (3, 64, 64) and ds.train_pixels.dtype == torch.uint8
-    assert (len(ds.train_pixels), len(ds.test_pixels)) == (1393, 250)
+    assert (len(ds.train_pixels), len(ds.test_pixels)) == (len(small.train_pixels), len(small.test_pixels))
+    # the same emoji in the same rows: halving the 64x64 images comes close to the 32x32 ones
+    halved = torch.nn.functional.avg_pool2d(ds.test_pixels.float(), 2)
+    assert (halved - small.test_pixels.float()).abs().mean() < 8
 
 
 # ---------------------------------------------------------------------------------------------

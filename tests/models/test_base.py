@@ -143,8 +143,9 @@ def test_every_model_is_registered_with_presets_side_by_side():
         assert set(PRESETS[name]) == {"quick", "standard"}, name
         assert cls.FAMILY.get("latent"), name
         for preset in PRESETS[name]:
-            for dataset, shape in (("digits", (1, 8, 8)), ("fashion-mnist", (1, 28, 28))):
+            for dataset, shape in (("digits", (1, 8, 8)), ("fashion-mnist", (1, 28, 28)), ("emoji", (3, 32, 32))):
                 resolve_configs(name, dataset, shape, preset)  # every budget resolves to a valid config
+        assert ("quick", "emoji") in DATASET_PRESETS[name], name  # the digits-sized quick nets do not fit 3x32x32
     assert set(DATASET_PRESETS) <= set(PRESETS)
 
 

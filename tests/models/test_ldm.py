@@ -300,18 +300,19 @@ def test_vq_first_stage_decodes_unquantized_latents_on_request(trained, tiny_dig
         assert not torch.equal(raw, quantized)
 
 
-@pytest.mark.parametrize("preset, dataset, side, at_most", [("quick", "digits", 8, 1 / 2),
-                                                           ("standard", "fashion-mnist", 28, 1 / 4)])
-def test_preset_first_stages_compress(preset, dataset, side, at_most):
+@pytest.mark.parametrize("preset, dataset, shape, at_most", [("quick", "digits", (1, 8, 8), 1 / 2),
+                                                            ("standard", "fashion-mnist", (1, 28, 28), 1 / 4),
+                                                            ("quick", "emoji", (3, 32, 32), 1 / 8)])
+def test_preset_first_stages_compress(preset, dataset, shape, at_most):
     """Issue 17: the presets' latent holds fewer numbers than the image (digits), at least 4x fewer on
-    28x28, with the resolved configs a `genbench train ldm` would build."""
+    28x28 and 8x fewer on 3x32x32 emoji, with the resolved configs a `genbench train ldm` would build."""
     from genbench.training.run import resolve_configs
-    model_cfg, _ = resolve_configs("ldm", dataset, (1, side, side), preset)
+    model_cfg, _ = resolve_configs("ldm", dataset, shape, preset)
     model = LDM(model_cfg)
     numbers = 1
     for n in model.latent_shape:
         numbers *= n
-    assert numbers <= at_most * side * side, (model.latent_shape, side)
+    assert numbers <= at_most * shape[0] * shape[1] * shape[2], (model.latent_shape, shape)
     assert model.config.first_stage == "vae" and model.config.diffusion.prediction == "v"
 
 

@@ -335,14 +335,20 @@ def test_perceptual_weight_zero_needs_no_network(data):
 
 
 def test_presets_resolve_and_standard_matches_vqvae_grid():
-    for preset, name, shape in (("quick", "digits", (1, 8, 8)), ("standard", "fashion-mnist", (1, 28, 28))):
+    for preset, name, shape in (("quick", "digits", (1, 8, 8)), ("standard", "fashion-mnist", (1, 28, 28)),
+                                ("quick", "emoji", (3, 32, 32))):
         gan, gan_train = resolve_configs("vqgan", name, shape, preset)
         vq, _ = resolve_configs("vqvae", name, shape, preset)
         for field in ("codebook_size", "code_dim", "downsample", "width", "prior_layers", "prior_embd"):
             assert getattr(gan, field) == getattr(vq, field), (preset, field)
         assert gan.grid_size == vq.grid_size and gan.disc_start < gan_train.for_stage("autoencoder").steps
     assert resolve_configs("vqgan", "fashion-mnist", (1, 28, 28), "standard")[0].grid_size == 7
-    assert DATASET_PRESETS["vqgan"] == DATASET_PRESETS["vqvae"]
+    # per dataset, the VQ-GAN's entries are the VQ-VAE's, plus when its discriminator starts
+    assert set(DATASET_PRESETS["vqgan"]) == set(DATASET_PRESETS["vqvae"])
+    for key, vq_over in DATASET_PRESETS["vqvae"].items():
+        gan_over = DATASET_PRESETS["vqgan"][key]
+        assert {k: v for k, v in gan_over["model"].items() if not k.startswith("disc_")} == vq_over["model"], key
+        assert gan_over.get("train") == vq_over.get("train"), key
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -9,6 +9,7 @@ image shape of the dataset <- the user's `--set` items.
   all six in a few minutes on 2 cores.
 - "standard": Fashion-MNIST 28x28; an hour or more per model on 2 CPU cores, minutes on a GPU
   (docs/benchmarks.md).
+- ("quick", "emoji"): 3x32x32 colour emoji; the six in about 22 minutes on 2 cores (EMOJI_QUICK).
 
 Step costs quoted below were measured on one CPU thread (docs/benchmarks.md has the machines).
 """
@@ -237,11 +238,53 @@ LDM = {
 }
 
 # ---------------------------------------------------------------------------------------------
+# emoji (genbench.data.emoji): 1393 colour 3x32x32 training images, 48x the numbers of a digit. The
+# quick presets' MLPs and 4x4 code grids are sized for 8x8 digits, so "quick" on emoji is its own
+# entry per model: conv nets, an 8x8 code grid (f = 4), a narrow pixel U-Net, the standard presets'
+# grid VAE under the LDM. The standard presets fit 3x32x32 as they are (conv nets, f = 4 grids).
+#
+# Sized so that `genbench compare --dataset emoji --preset quick` trains all six in about 22 minutes
+# on 2 cores (two processes of one thread). CPU seconds per step below, measured with `genbench
+# train MODEL --dataset emoji --preset quick` on one thread of a 2-core Xeon with AVX-512 and AMX
+# (native bf16: DDPM and LDM diffusion ran in bf16), read from run.json's cpu_time_s (the wall time
+# was up to 1.6x more: the core was shared). Per model (CPU s of training, without FD probes):
+# AE 119, VAE 165, VQ-VAE 290, VQ-GAN ~830 (117 of them training its perceptual network, once per
+# dataset), DDPM 500, LDM 355.
+
+# 8x8 grid of 256 codes of 32 numbers, conv widths 16/32/64 at 32/16/8 pixels. 1000 autoencoder steps:
+# at 600 the reconstructions lost their colours (reds and greens came out orange, training MSE 0.024
+# against 0.015 at 1000). The prior: 64 tokens, 3 layers of 96, batch 64. CPU per step: autoencoder 0.14 s
+# (VQ-GAN: 0.42 s before its discriminator starts, 0.65 s after), prior 0.19 s
+_EMOJI_VQ = {"downsample": 4, "width": 64, "codebook_size": 256, "code_dim": 32, "prior_layers": 3,
+             "prior_embd": 96}
+_EMOJI_VQ_TRAIN = {"stages": {"autoencoder": {"steps": 1000}, "prior": {"steps": 800, "batch_size": 64}}}
+EMOJI_QUICK = {
+    # conv widths 16/32/64, a 64-number latent: 0.12 s (AE) and 0.17 s (VAE) a step of 128 images
+    "ae": {"model": {"arch": "conv", "latent_dim": 64, "width": 16}, "train": {"steps": 1000}},
+    "vae": {"model": {"arch": "conv", "latent_dim": 64, "width": 16}, "train": {"steps": 1000}},
+    "vqvae": {"model": _EMOJI_VQ, "train": _EMOJI_VQ_TRAIN},
+    # the VQ-VAE's recipe (like for like), the discriminator from step 400 of 1000
+    "vqgan": {"model": {**_EMOJI_VQ, "disc_start": 400}, "train": _EMOJI_VQ_TRAIN},
+    # 16/32/64 channels at 32/16/8 pixels (the Fashion-MNIST standard U-Net's widths), attention only in
+    # the middle: 0.33 s a step of 64 images; self-attention at 8x8 as well cost 0.2 s more a step in
+    # bf16 (0.05 s in fp32), 32/64/64 channels 2x. v-prediction, as the standard preset (see there)
+    "ddpm": {"model": {"unet": {"base_channels": 16, "channel_mult": [1, 2, 4], "attention_levels": []},
+                       "diffusion": {"prediction": "v"}},
+             "train": {"steps": 1500, "batch_size": 64}},
+    # the standard presets' grid VAE (f = 4: a 4x8x8 latent, 12x fewer numbers than the pixels), 0.17 s a
+    # step of 128 images; the latent U-Net, 0.11 s a step of 48. The VQ first stages (--set
+    # first_stage=...) get the VQ models' 8x8 grid
+    "ldm": {"model": {"vae": {"arch": "grid", "downsample": 4, "latent_channels": 4, "width": 64, "n_res_blocks": 1,
+                              "beta": 0.01}, "vqvae": {"downsample": 4}, "vqgan": {"downsample": 4}},
+            "train": {"stages": {"first_stage": {"steps": 800, "lr": 1e-3}, "diffusion": {"steps": 2000}}}},
+}
+
+# ---------------------------------------------------------------------------------------------
 # the tables resolve_configs reads
 
 PRESETS: dict[str, dict[str, dict]] = {"ae": AE, "vae": VAE, "vqvae": VQVAE, "vqgan": VQGAN, "ddpm": DDPM, "ldm": LDM}
 
-DATASET_PRESETS: dict[str, dict[tuple[str, str], dict]] = {
+_DATASET_PRESETS: dict[str, dict[tuple[str, str], dict]] = {
     "vqvae": VQ_GRID,
     "vqgan": VQ_GRID,  # the same grid per dataset as the VQ-VAE
     # the VQ first stages' grid per dataset, as for the VQ models
@@ -251,6 +294,8 @@ DATASET_PRESETS: dict[str, dict[tuple[str, str], dict]] = {
         {("standard", "digits"): {"model": {"vae": {"downsample": 2}}}},
     ),
 }
+DATASET_PRESETS: dict[str, dict[tuple[str, str], dict]] = {
+    m: {**_DATASET_PRESETS.get(m, {}), ("quick", "emoji"): EMOJI_QUICK[m]} for m in PRESETS}  # every model
 
 # models by training cost under their presets, most expensive first (measured: digits quick,
 # docs/benchmarks.md); `genbench compare` starts the most expensive first so the last to start are short
