@@ -231,7 +231,7 @@ def model_section(r: dict) -> str:
             f"<strong>{space['active_units']} of {space['latent_dims']} latent units active</strong>: a unit is active "
             f"when the variance over test images of its posterior mean exceeds {space['active_threshold']:g} (Burda et al. "
             "2016); an inactive unit's posterior equals the prior whatever the image (posterior collapse). Left: the "
-            "posterior means of the test images on their two principal axes, coloured by class.")))
+            "posterior means of the test images on their two principal axes, coloured by class where the data have labels.")))
     book = r.get("codebook")
     if book:
         parts.append(_figure(r, "codebook", (
