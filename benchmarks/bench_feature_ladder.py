@@ -15,22 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
+
+from bench_time_to_quality import cpu_flags
 
 from genbench.data import DatasetSpec
 from genbench.evaluation.features import get_feature_network
 from genbench.evaluation.ladder import degradation_ladder, is_increasing
-
-
-def cpu_flags() -> list[str]:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
 
 
 def main() -> None:

@@ -35,6 +35,8 @@ from torch import nn
 from genbench.nets.classifier import ContrastiveCNN, ContrastiveNetConfig
 from genbench.nets.local import train_seeded
 
+from .augment import random_shift
+
 STANDARDIZATION_IMAGES = 10_000  # the first train images, un-augmented, fix the feature mean/scale and modes
 RETRIEVAL_IMAGES = 2000
 
@@ -64,12 +66,9 @@ def random_views(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     """One random view of each image of (B, C, H, W): shifted by its own integer (dy, dx) in
     [-max_shift, max_shift]^2, the edge pixels repeated, and mirrored with probability 1/2. No
     interpolation: every pixel of a view is a pixel of the image, so no view is blurred."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b, 1), generator=generator)
-    out = torch.stack([padded[i, :, dy[i, 0]: dy[i, 0] + h, dx[i, 0]: dx[i, 0] + w] for i in range(b)])
-    flip = torch.rand(b, generator=generator) < 0.5
-    return torch.where(flip.view(b, 1, 1, 1), out.flip(-1), out)
+    out = random_shift(x, max_shift, generator, padding="replicate")
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

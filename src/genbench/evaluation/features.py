@@ -35,15 +35,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from genbench.errors import GenbenchError
-from genbench.nets.classifier import ContrastiveCNN, ContrastiveNetConfig, FeatureCNN, FeatureNetConfig
+from genbench.nets.classifier import (
+    ContrastiveCNN,
+    ContrastiveNetConfig,
+    FeatureCNN,
+    FeatureNetConfig,
+)
 from genbench.nets.local import cache_root, load_entry, save_entry, train_seeded
 from genbench.utils import default, exists
 
 from . import contrastive
+from .augment import random_shift
 
 # Bump when a code change alters trained weights or features: cached networks of another
 # version are retrained (configs alone can't see such changes).
@@ -76,20 +81,6 @@ TRAIN_PRESETS: dict[str, FeatureTrainConfig] = {
 
 def default_train_config(dataset_name: str) -> FeatureTrainConfig:
     return TRAIN_PRESETS.get(dataset_name, FeatureTrainConfig())
-
-
-def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by its own integer (dy, dx) in [-max_shift, max_shift]^2, filling
-    with zeros (the background of digits and Fashion-MNIST)."""
-    if max_shift == 0:
-        return x
-    b, _, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4)
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b, 1), generator=generator)
-    rows = dy + torch.arange(h)  # (B, H): source rows in the padded image
-    cols = dx + torch.arange(w)
-    out = padded[torch.arange(b)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return rearrange(out, "b h w c -> b c h w").contiguous()
 
 
 @torch.no_grad()
