@@ -1,7 +1,7 @@
 """Do two feature networks rank the same models alike? (issue 16: on Fashion-MNIST, where both exist.)
 
     python benchmarks/bench_feature_ranking.py RUN_DIR [RUN_DIR ...] [--num-samples 5000] [--seed 0] \
-        [--out ranking.json]
+        [--out ranking.json] [--samples DIR]
 
 Every run (finished `genbench train` / `compare` folders of one dataset) draws the same number of
 samples with the same seed (diffusion models with DPM-Solver++(2M) at 10 calls unless --sampler
@@ -9,7 +9,9 @@ says otherwise); their FD to the test
 split is computed in the classifier's features and in the self-supervised network's
 (genbench.evaluation.features, both from the cache or trained now). Prints a Markdown table (FD and
 rank under each) and Spearman's rho and Kendall's tau between the two rankings (scipy.stats);
-the same with the train split and uniform noise added as reference rows.
+the same with the train split and uniform noise added as reference rows. With --samples DIR the
+samples are kept there as .npy (float32) and reused by a later call with the same count, seed and
+sampler, so other feature networks can judge the very same images.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from scipy.stats import kendalltau, rankdata, spearmanr
 
@@ -36,6 +39,7 @@ def main() -> None:
     ap.add_argument("--sampler", default="dpm++2m:10", metavar="NAME:STEPS",
                     help="diffusion models sample with this (default dpm++2m:10; '' keeps each run's own)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--samples", type=Path, default=None, metavar="DIR", help="keep/reuse the samples here")
     args = ap.parse_args()
     runs = [TrainedRun(path, device="cpu") for path in args.runs]
     if args.sampler:
@@ -52,7 +56,16 @@ def main() -> None:
               "uniform noise": torch.rand((args.num_samples, *ds.shape), generator=g)}
     for path, run in zip(args.runs, runs):
         t0 = time.perf_counter()
-        images[f"{run.name} ({path.name})"] = run.sample(args.num_samples, seed=args.seed).clamp(0, 1)
+        kept = args.samples / f"{path.parent.name}-{path.name}-{args.num_samples}-{args.seed}-{args.sampler or 'own'}.npy" \
+            if args.samples else None
+        if kept and kept.is_file():
+            x = torch.from_numpy(np.load(kept))
+        else:
+            x = run.sample(args.num_samples, seed=args.seed).clamp(0, 1)
+            if kept:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                np.save(kept, x.numpy().astype(np.float32))
+        images[f"{run.name} ({path.name})"] = x
         print(f"{path}: {args.num_samples} samples in {time.perf_counter() - t0:.0f} s", flush=True)
     fd = {kind: {name: metrics.frechet_distance(net.features(x), real[kind]) for name, x in images.items()}
           for kind, net in nets.items()}

@@ -11,7 +11,11 @@ Writes OUT/ttq.json (the curve, the final point, the machine's CPU flags), OUT/t
 
 With `--baseline B.json` (an earlier output of this script): both curves on one plot, and the CPU
 seconds (and FLOPs) each needed to reach the baseline's last probe FD, read off the probe curves
-(same estimator on both sides) by log-log interpolation between probes, and their ratio.
+(same estimator on both sides) by log-log interpolation between probes, and their ratio; and the
+final points side by side (`final_comparison`): whether this run's full-protocol figures are all at
+least as good as the baseline's (FD, and where the model has them rFD, MSE, bits/dim) and the ratio
+of the two runs' training CPU seconds and FLOPs. Probes of 500 samples are noisy (a few tenths of
+FD), so the final points are the stricter test.
 """
 
 from __future__ import annotations
@@ -57,6 +61,19 @@ def reach(curve: dict, target: float, axis: str) -> float | None:
     return None
 
 
+QUALITY_KEYS = ("fd", "recon_fd", "mse", "bits_per_dim")  # lower is better, all of them
+
+
+def final_comparison(base: dict, this: dict) -> dict:
+    """The two runs' final points: every quality figure both have, whether this run's is at least as
+    good, and the baseline / this-run ratios of training CPU seconds and FLOPs."""
+    keys = [k for k in QUALITY_KEYS if base.get(k) is not None and this.get(k) is not None]
+    return {"quality": {k: {"baseline": base[k], "this run": this[k]} for k in keys},
+            "at_least_as_good": all(this[k] <= base[k] for k in keys),
+            "cpu_ratio": base["train_cpu_s"] / this["train_cpu_s"],
+            "flop_ratio": base["train_flops"] / this["train_flops"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -87,6 +104,7 @@ def main() -> None:
             b, n = reach(base["curve"], target, axis), reach(record["curve"], target, axis)
             record["vs_baseline"][axis] = {"baseline": b, "this run": n,
                                            "ratio": b / n if b and n else None}
+        record["vs_baseline"]["final"] = final_comparison(base["final"], record["final"])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ttq.json").write_text(json.dumps(record, indent=2))
     with open(args.out / "ttq.csv", "w", newline="") as f:

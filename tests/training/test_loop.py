@@ -105,14 +105,25 @@ def test_ema_update_formula():
     torch.testing.assert_close(ema.shadow["bias"], before["bias"])
 
 
-def test_exported_weights_are_the_ema_of_the_live_trajectory(tmp_path, tiny_digits):
+def test_ema_warmup_decay():
+    ema = EMA(torch.nn.Linear(2, 1), decay=0.995, warmup=True)
+    assert ema.decay_at(1) == pytest.approx(2 / 11) and ema.decay_at(90) == pytest.approx(0.91)
+    assert ema.decay_at(1790) == 0.995 and ema.decay_at(10**6) == 0.995  # capped at the configured decay
+    assert EMA(torch.nn.Linear(2, 1), decay=0.995).decay_at(1) == 0.995
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_exported_weights_are_the_ema_of_the_live_trajectory(tmp_path, tiny_digits, warmup):
     """Exported = EMA_N = d^N w_0 + sum_k (1-d) d^(N-k) w_k, computed here in float64 from the live
     weights w_k after every step. Those are read from the checkpoint of a run interrupted after each
     step k and resumed (resume is bit-exact, and the EMA never feeds back into the live weights);
     w_0 is the model as train_run initialises it from the run's seed. The AE's buffers are fitted
-    after training (finish_training) from the exported weights: recomputed from EMA_N in numpy."""
+    after training (finish_training) from the exported weights: recomputed from EMA_N in numpy.
+    With warm-up, the k-th update's decay is d_k = min(d, (1 + k) / (10 + k)) instead, through a
+    resume: EMA_k = d_k EMA_(k-1) + (1 - d_k) w_k."""
     d, n = 0.8, 6  # d^N = 0.26: the initial weights still weigh in
-    sets = TINY + [f"train.steps={n}", "train.ckpt_every=1", f"train.ema_decay={d}", "train.device=cpu"]  # exact resume
+    sets = TINY + [f"train.steps={n}", "train.ckpt_every=1", f"train.ema_decay={d}", "train.device=cpu",
+                   f"train.ema_warmup={str(warmup).lower()}"]  # exact resume
     run = tmp_path / "r"
     live = []
     for k in range(1, n):
@@ -131,8 +142,10 @@ def test_exported_weights_are_the_ema_of_the_live_trajectory(tmp_path, tiny_digi
     initial = AE(model_cfg)
     w0 = initial.state_dict()
     params = [k for k, _ in initial.named_parameters()]
-    ema = {k: d**n * w0[k].double() + sum((1 - d) * d ** (n - i) * w[k].double() for i, w in enumerate(live, 1))
-           for k in params}
+    ema = {k: w0[k].double() for k in params}
+    for i, w in enumerate(live, 1):
+        d_i = min(d, (1 + i) / (10 + i)) if warmup else d
+        ema = {k: d_i * ema[k] + (1 - d_i) * w[k].double() for k in params}
     exported = _weights(run)
     assert exported.keys() == w0.keys()
     for k in params:

@@ -134,12 +134,15 @@ DDPM = {
     # Fashion-MNIST 28x28: 3 levels (28, 14, 7) of 16/32/64 channels, attention at 7x7 and in the
     # middle. Narrow at full resolution on purpose: 0.44 GFLOP per training image (vs 6.6 for
     # UNetConfig()'s 64-channel (1, 2, 2) x 2-block default), so 2000 steps fit in about an hour on
-    # 2 CPU cores (benchmarks/bench_unet.py). EMA 0.995: the trainer's EMA starts from the initial
-    # weights, and 0.999^2000 would still hold 14% of them.
+    # 2 CPU cores (benchmarks/bench_unet.py). EMA 0.995 with warm-up (training.ema.EMA): the plain
+    # EMA starts from the initial weights and still held 37 % of them after 200 steps (probe FD 66
+    # there, 27 with warm-up; the same at 2000 steps). No dropout: on 2000 steps (two epochs) it only
+    # slowed learning and each step (its RNG): FD 3.23 / 3.84 bits/dim against 3.29 / 3.90 with 0.1
+    # (docs/benchmarks.md, "Time to quality ... recipes").
     "standard": {
         "model": {
             "unet": {"base_channels": 16, "channel_mult": [1, 2, 4], "num_res_blocks": 1,
-                     "attention_levels": [2], "num_heads": 2, "dropout": 0.1},
+                     "attention_levels": [2], "num_heads": 2, "dropout": 0.0},
             # v-prediction (Salimans & Ho 2022): with eps-prediction the cosine schedule's
             # x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) amplifies eps errors up to 2e4-fold
             # near t = T, and this preset's samples came out over-bright (FD 28.9 vs 4.2 with v,
@@ -148,7 +151,7 @@ DDPM = {
             "sampler": {"name": "dpm++2m", "steps": 10}, "bpd_timesteps": 50, "bpd_images": 200,
         },
         "train": {"steps": 2000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 200, "grad_clip": 1.0,
-                  "ema_decay": 0.995, "bf16": True, "log_every": 50, "ckpt_every": 500},
+                  "ema_decay": 0.995, "ema_warmup": True, "bf16": True, "log_every": 50, "ckpt_every": 500},
     },
 }
 
@@ -230,8 +233,11 @@ LDM = {
                 # faster per image than DDPM's pixel U-Net (benchmarks/bench_ldm_vs_ddpm.py), so both
                 # stages together take about DDPM's 2000 steps' time; FD 2.48 after 2000 steps, 1.66
                 # after 6000 (docs/benchmarks.md)
+                # EMA warm-up as DDPM's: it reaches 0.995 by step 1790, so only the early model changes
+                # (probe FD 9.3 against 21.7 after 400 steps, in a run that also had a 1000-step first
+                # stage and no dropout; on DDPM the warm-up alone did as much: 27.6 against 66.2 at 200)
                 "diffusion": {"steps": 4000, "lr": 1e-3, "warmup_steps": 200, "grad_clip": 1.0,
-                              "ema_decay": 0.995, "bf16": True},
+                              "ema_decay": 0.995, "ema_warmup": True, "bf16": True},
             },
         },
     },

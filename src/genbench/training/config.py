@@ -32,6 +32,7 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     ema_decay: float = 0.0  # 0 disables; the exported model then holds the raw weights
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)) at update n (training.ema.EMA)
     bf16: bool = False  # bf16 autocast of forward + loss: on CUDA, and on CPUs with native bf16 only
     seed: int = 0
     log_every: int = 50

@@ -273,7 +273,7 @@ def _start_stage(session: Session, stage: str, cfg: TrainConfig) -> StageState:
     with torch.no_grad():
         model.prepare_stage(stage, _full_set(session))
     distributed.broadcast_module_(model)  # identical on all ranks, even after nondeterministic kernels
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None  # after prepare_stage: it may set weights
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None  # after prepare_stage: it may set weights
     return StageState(stage, cfg, 0, optimizers, ema, global_offset=0)
 
 
@@ -287,7 +287,7 @@ def _resume_stage(session: Session, stage: str, cfg: TrainConfig, meta: dict, te
         raise GenbenchError(f"{where}: optimizer state for unknown group(s) {unknown}")
     ema = None
     if cfg.ema_decay > 0:
-        ema = EMA(model, cfg.ema_decay)
+        ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
         shadow = prefixed(tensors, "ema.")
         check_like(ema.shadow, shadow, f"{where}: EMA weights")
         ema.shadow = {k: v.to(device=session.device, dtype=ema.shadow[k].dtype) for k, v in shadow.items()}
@@ -373,7 +373,7 @@ def _train_stage(session: Session, st: StageState, last_stage: bool = True) -> N
                 opt.step()
             distributed.broadcast_buffers_(model)
             if st.ema is not None:
-                st.ema.update(model)
+                st.ema.update(model, step + 1)
             st.step = step = step + 1
             window_steps += 1
             if step % cfg.log_every == 0 or step == cfg.steps:
