@@ -79,7 +79,10 @@ def plot_by_model(records: list[dict], out: Path) -> None:
             ax.plot(flops, r["curve"]["fd"], marker=".", color=colour, label=run_label(r))
             ax.plot([r["final"]["train_flops"] / 1e12], [r["final"]["fd"]], marker="o", mfc="none", color=colour)
         ax.set(xscale="log", yscale="log", title=model, xlabel="training TFLOPs")
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        lo, hi = ax.get_xlim()
+        narrow = hi / lo < 10  # no decade tick inside: label the minor ticks instead
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if narrow else NullFormatter())
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         for which in ("major", "minor"):  # log FD axes span less than a decade: label the minor ticks too
             getattr(ax.yaxis, f"set_{which}_formatter")(FuncFormatter(lambda v, _: f"{v:g}"))
