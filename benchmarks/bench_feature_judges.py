@@ -41,8 +41,14 @@ from genbench.nets.classifier import ContrastiveCNN, ContrastiveNetConfig, Featu
 
 
 def load_samples(directory: Path) -> dict[str, torch.Tensor]:
-    """{model: (N, C, H, W)} from bench_feature_ranking's files, named <folder>-<model>-<n>-<seed>-<sampler>.npy."""
-    return {f.name.split("-")[1]: torch.from_numpy(np.load(f)) for f in sorted(directory.glob("*.npy"))}
+    """{model: (N, C, H, W)} from bench_feature_ranking's files, named <model>__<run>-<n>-<seed>-<sampler>.npy."""
+    samples = {}
+    for f in sorted(directory.glob("*__*.npy")):
+        model = f.name.split("__")[0]
+        if model in samples:
+            raise SystemExit(f"{directory}: two sample files of {model} ({f.name}); keep one run per model there")
+        samples[model] = torch.from_numpy(np.load(f))
+    return samples
 
 
 @torch.no_grad()

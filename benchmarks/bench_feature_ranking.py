@@ -56,8 +56,9 @@ def main() -> None:
               "uniform noise": torch.rand((args.num_samples, *ds.shape), generator=g)}
     for path, run in zip(args.runs, runs):
         t0 = time.perf_counter()
-        kept = args.samples / f"{path.parent.name}-{path.name}-{args.num_samples}-{args.seed}-{args.sampler or 'own'}.npy" \
-            if args.samples else None
+        # <model>__...: the model name (no "__" in it) is what bench_feature_judges.load_samples reads back
+        kept = args.samples / (f"{run.name}__{path.parent.name}-{path.name}-{args.num_samples}-{args.seed}-"
+                               f"{args.sampler or 'own'}.npy") if args.samples else None
         if kept and kept.is_file():
             x = torch.from_numpy(np.load(kept))
         else:
