@@ -16,6 +16,10 @@ final points side by side (`final_comparison`): whether this run's full-protocol
 least as good as the baseline's (FD, and where the model has them rFD, MSE, bits/dim) and the ratio
 of the two runs' training CPU seconds and FLOPs. Probes of 500 samples are noisy (a few tenths of
 FD), so the final points are the stricter test.
+
+With `--from-compare DIR` nothing is trained: the record is read from the metrics.json of a finished
+`genbench compare` run in DIR (its FD probes, `--fd-points` of them, and its final row), e.g. the
+full six-model comparison; its training processes ran two at a time, one per core.
 """
 
 from __future__ import annotations
@@ -84,11 +88,17 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=None)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--baseline", type=Path, default=None)
+    ap.add_argument("--from-compare", type=Path, default=None, metavar="DIR",
+                    help="read MODEL's curve and final point from DIR/metrics.json of a finished comparison")
     args = ap.parse_args()
-    sets = split_model_sets([f"{args.model}:{item}" for item in args.set])
-    result = run_comparison(DatasetSpec(args.dataset), args.out, models=[args.model], preset=args.preset, sets=sets,
-                            num_samples=args.num_samples, jobs=1, sampler_sweep=(), fd_points=args.points)
-    row = next(r for r in result["rows"] if r["kind"] == "model")
+    if args.from_compare:
+        result = json.loads((args.from_compare / "metrics.json").read_text())
+    else:
+        sets = split_model_sets([f"{args.model}:{item}" for item in args.set])
+        result = run_comparison(DatasetSpec(args.dataset), args.out, models=[args.model], preset=args.preset,
+                                sets=sets, num_samples=args.num_samples, jobs=1, sampler_sweep=(),
+                                fd_points=args.points)
+    row = next(r for r in result["rows"] if r["kind"] == "model" and r["name"] == args.model)
     record = {"model": args.model, "dataset": args.dataset, "preset": args.preset, "sets": args.set,
               "cpu_flags": cpu_flags(), "curve": row["quality_curve"],
               "final": {"fd": row["fd"], "train_flops": row["train_flops"], "train_cpu_s": row["train_cpu_time_s"],

@@ -10,6 +10,16 @@ per curve, labelled by model; the final full-protocol FD as a hollow marker at t
 --by-model: one panel per model (FD against training FLOPs: this machine's speed drifted by up to 40 %
 between runs hours apart, docs/benchmarks.md, so CPU seconds of runs not taken side by side do not
 compare), a line per run, labelled by its `--set` items ("preset" for none).
+
+    python benchmarks/plot_ttq.py docs/ttq/new/*.json --by-model --before docs/ttq/baseline/*.json \
+        --cpu-rates docs/ttq/step_cost.json --out docs/ttq/new.png
+
+With --cpu-rates (an output of bench_step_cost.py, whose step costs were all timed side by side):
+the x axis is training CPU seconds at those rates, each curve's point after global step n costing
+the sum, over the steps before it, of its stage's CPU ms per step: the presets' current precision
+and layout for the curves given, the earlier presets' ("before": bf16 in the diffusion stages only,
+NCHW) for the --before curves. Training is deterministic (FD against steps does not depend on the
+clock), so this puts runs taken on different days, under different host load, on one clock.
 """
 
 from __future__ import annotations
@@ -31,11 +41,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--by-model", action="store_true")
+    ap.add_argument("--before", nargs="*", type=Path, default=[],
+                    help="--by-model: curves of the earlier presets (labelled 'before', 'before' rates)")
+    ap.add_argument("--cpu-rates", type=Path, default=None,
+                    help="--by-model: x axis = CPU seconds at these step costs (bench_step_cost.py JSON)")
     args = ap.parse_args()
     records = [json.loads(p.read_text()) for p in args.curves]
     if args.by_model:
-        plot_by_model(records, args.out)
+        before = [dict(json.loads(p.read_text()), before=True) for p in args.before]
+        rates = json.loads(args.cpu_rates.read_text()) if args.cpu_rates else None
+        plot_by_model(before + records, args.out, rates)
         return
+    if args.before or args.cpu_rates:
+        ap.error("--before and --cpu-rates go with --by-model")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     for ax, axis, final_key, label in ((axes[0], "train_cpu_s", "train_cpu_s", "training CPU s (process time)"),
                                        (axes[1], "train_flops", "train_flops", "training FLOPs")):
@@ -64,10 +82,30 @@ def main() -> None:
 
 def run_label(record: dict) -> str:
     short = [item.replace("train.stages.", "").replace("train.", "").replace("model.", "") for item in record["sets"]]
-    return ", ".join(short) or "preset"
+    label = ", ".join(short) or "preset"
+    return f"before: {label}" if record.get("before") else label
 
 
-def plot_by_model(records: list[dict], out: Path) -> None:
+def cpu_at_rates(record: dict, rates: dict) -> list[float]:
+    """CPU seconds after each curve point's global step, at the step costs of `rates` (a
+    bench_step_cost.py output): the earlier presets' for a 'before' record, the current ones' else.
+    The last stage's last phase runs on past its preset length (a recipe with more steps)."""
+    model = rates["models"][record["model"]]
+    phases = []
+    for stage in model["stages"]:
+        combo = stage["before"] if record.get("before") else stage["preset"]
+        phases += [(p["steps"], p["ms_per_step"][combo] / 1000) for p in stage["phases"]]
+    out = []
+    for step in record["curve"]["global_step"]:
+        seconds, left = 0.0, step
+        for i, (count, cost) in enumerate(phases):
+            take = left if i == len(phases) - 1 else min(left, count)
+            seconds, left = seconds + take * cost, left - take
+        out.append(seconds)
+    return out
+
+
+def plot_by_model(records: list[dict], out: Path, rates: dict | None = None) -> None:
     models = list(dict.fromkeys(r["model"] for r in records))
     cols = min(3, len(models))
     rows = -(-len(models) // cols)
@@ -75,10 +113,12 @@ def plot_by_model(records: list[dict], out: Path) -> None:
     for ax, model in zip(axes.flat, models):
         for i, r in enumerate(x for x in records if x["model"] == model):
             colour = f"C{i}"
-            flops = [f / 1e12 for f in r["curve"]["train_flops"]]
-            ax.plot(flops, r["curve"]["fd"], marker=".", color=colour, label=run_label(r))
-            ax.plot([r["final"]["train_flops"] / 1e12], [r["final"]["fd"]], marker="o", mfc="none", color=colour)
-        ax.set(xscale="log", yscale="log", title=model, xlabel="training TFLOPs")
+            x = cpu_at_rates(r, rates) if rates else [f / 1e12 for f in r["curve"]["train_flops"]]
+            ax.plot(x, r["curve"]["fd"], marker=".", color=colour, label=run_label(r),
+                    linestyle="--" if r.get("before") else "-")
+            ax.plot([x[-1]], [r["final"]["fd"]], marker="o", mfc="none", color=colour)
+        xlabel = "training CPU s (at the side-by-side step costs)" if rates else "training TFLOPs"
+        ax.set(xscale="log", yscale="log", title=model, xlabel=xlabel)
         lo, hi = ax.get_xlim()
         narrow = hi / lo < 10  # no decade tick inside: label the minor ticks instead
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if narrow else NullFormatter())

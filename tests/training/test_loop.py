@@ -277,6 +277,16 @@ def test_bf16_autocast_runs_the_forward_in_bf16_and_is_recorded(tmp_path, tiny_d
     assert torch.isfinite(model.sample(4)).all()
 
 
+def test_bf16_requested_by_one_stage_is_recorded_for_that_stage_and_the_run(tmp_path, tiny_digits, monkeypatch):
+    """The LDM's presets ask for bf16 in the diffusion stage only: run.json says so per stage, and
+    the run's `bf16_used` is true (it once read the top-level setting, false there)."""
+    monkeypatch.setattr(genbench.utils, "cpu_has_native_bf16", lambda: True)
+    sets = TINY + ["train.steps=2", "train.device=cpu", 'train.stages={"main": {"bf16": true}}']
+    run = train_run("vae", tiny_digits, tmp_path / "r", sets=sets, progress=False)
+    summary = json.loads((run / "run.json").read_text())["summary"]
+    assert summary["stages"]["main"]["bf16_used"] is True and summary["bf16_used"] is True
+
+
 # ---------------------------------------------------------------- uint8 datasets and shards
 
 
@@ -324,3 +334,61 @@ def test_a_shard_given_to_one_process_is_refused(tmp_path):
     with pytest.raises(GenbenchError, match=r"128 images given as process 0's shard of 256, which holds 256: "
                                             r"load the dataset with shard=\(0, 1\)"):
         train_run("ae", half, tmp_path / "r", sets=TINY, progress=False)
+
+
+# ---------------------------------------------------------------- channels-last training
+
+CONV = ["arch=conv", "latent_dim=4", "width=8", "train.steps=12", "train.batch_size=32", "train.ckpt_every=4",
+        "train.log_every=1", "train.lr=1e-3", "train.ema_decay=0.9", "train.device=cpu"]
+
+
+def test_channels_last_trains_nhwc_the_same_function_and_hands_on_the_default_layout(tmp_path, tiny_digits, monkeypatch):
+    """train.channels_last: every batch and every conv weight the loss sees is NHWC (so oneDNN picks its
+    channels-last kernels), the losses are those of the default layout up to float32 summation order,
+    and the weights come out (in memory and on disk) in the default layout, equal to the default run's
+    up to the same rounding. An interrupted and resumed channels-last run equals the uninterrupted one
+    exactly (the restored optimizer state is contiguous, the live weights NHWC: elementwise updates
+    do not care)."""
+    seen = []
+    original = AE.loss
+
+    def spy(self, batch, step=0, stage="main"):
+        convs = [m.weight for m in self.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+        assert convs
+        seen.append((batch.is_contiguous(memory_format=torch.channels_last),
+                     all(w.is_contiguous(memory_format=torch.channels_last) for w in convs),
+                     all(w.is_contiguous() for w in convs)))
+        return original(self, batch, step, stage)
+
+    monkeypatch.setattr(AE, "loss", spy)
+    nhwc = train_run("ae", tiny_digits, tmp_path / "nhwc", sets=CONV + ["train.channels_last=true"], progress=False)
+    nhwc_seen, seen[:] = list(seen), []
+    nchw = train_run("ae", tiny_digits, tmp_path / "nchw", sets=CONV, progress=False)
+    nchw_seen = list(seen)
+    monkeypatch.undo()
+    assert len(nhwc_seen) >= 12 and all(b and cl and not c for b, cl, c in nhwc_seen), nhwc_seen[:3]
+    assert all(c and not cl for _, cl, c in nchw_seen)
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+    # other kernels (the spy saw their layout), the same function: equal up to summation order
+    np.testing.assert_allclose(losses(nhwc), losses(nchw), rtol=1e-4)
+    a, b = _weights(nhwc), _weights(nchw)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].is_contiguous(), k
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    model = GenerativeModel.from_pretrained(nhwc / "model")
+    assert all(p.is_contiguous() for p in model.parameters())
+    stages = {r: json.loads((r / "run.json").read_text())["summary"]["stages"]["main"] for r in (nhwc, nchw)}
+    assert stages[nhwc]["channels_last"] is True and stages[nchw]["channels_last"] is False
+
+    with pytest.raises(Interrupted):
+        train_run("ae", tiny_digits, tmp_path / "cut", sets=CONV + ["train.channels_last=true"], progress=False,
+                  interrupt_at=8)
+    train_run("ae", tiny_digits, tmp_path / "cut", resume=True, progress=False)
+    c = _weights(tmp_path / "cut")
+    for k in a:
+        assert torch.equal(a[k], c[k]), k
+    assert losses(tmp_path / "cut") == losses(nhwc)

@@ -19,6 +19,15 @@ from __future__ import annotations
 from genbench.config import merge
 
 # ---------------------------------------------------------------------------------------------
+# The conv autoencoders of the standard AE, VAE and VQ-VAE presets train in bf16 autocast on
+# channels-last (NHWC) weights and batches. The trainer honours bf16 only on CUDA or CPUs with native
+# bf16 (genbench.utils.bf16_effective). On this project's AVX-512-BF16/AMX CPUs a training step is
+# then 2-3x cheaper than fp32 NCHW (oneDNN's NCHW kernels are slow at 16-48 channels), at about the
+# same quality (docs/benchmarks.md, "bf16 and channels-last"). The U-Nets stay NCHW: their GroupNorm
+# is 5-10x slower on NHWC bf16 tensors in torch 2.13, which undoes the gain.
+_CONV_CPU = {"bf16": True, "channels_last": True}
+
+# ---------------------------------------------------------------------------------------------
 # AE and VAE: a vector latent; MLP nets for 8x8, conv nets for 28x28
 
 AE = {
@@ -26,7 +35,7 @@ AE = {
               "train": {"steps": 1500, "batch_size": 128, "lr": 2e-3, "lr_schedule": "cosine", "log_every": 50}},
     "standard": {"model": {"arch": "conv", "latent_dim": 32, "width": 16},
                  "train": {"steps": 4000, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine",
-                           "warmup_steps": 200, "log_every": 100, "ckpt_every": 1000}},
+                           "warmup_steps": 200, "log_every": 100, "ckpt_every": 1000, **_CONV_CPU}},
 }
 
 VAE = {
@@ -35,7 +44,8 @@ VAE = {
                         "warmup_steps": 100, "grad_clip": 100.0, "log_every": 50}},
     "standard": {"model": {"arch": "conv", "latent_dim": 32, "width": 16},
                  "train": {"steps": 4000, "batch_size": 128, "lr": 1e-3, "lr_schedule": "cosine",
-                           "warmup_steps": 200, "grad_clip": 100.0, "log_every": 100, "ckpt_every": 1000}},
+                           "warmup_steps": 200, "grad_clip": 100.0, "log_every": 100, "ckpt_every": 1000,
+                           **_CONV_CPU}},
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -58,16 +68,17 @@ VQVAE = {
         },
     },
     # Fashion-MNIST 28x28, f=4: 7x7 grid of 49 codes from a codebook of 512 x 64; conv widths
-    # 32/64/128 at 28/14/7 pixels. bf16 off: on CPUs without native bf16 (AVX2-only) it was no faster
-    # here, and the quantizer runs in float32 anyway; turn it on for GPUs with --set train.bf16=true
+    # 32/64/128 at 28/14/7 pixels. bf16 in both stages (the quantizer runs in float32 anyway), NHWC in
+    # the autoencoder's (see _CONV_CPU); the transformer prior in bf16 is 1.7x cheaper than fp32 a step
+    # since its attention takes the explicit form there (genbench.nets.attention)
     "standard": {
         "model": {"downsample": 4, "width": 128, "n_res_blocks": 2, "codebook_size": 512, "code_dim": 64,
                   "dead_code_steps": 50, "prior_layers": 4, "prior_heads": 4, "prior_embd": 128,
                   "prior_dropout": 0.0},
         "train": {
-            "batch_size": 128, "log_every": 100, "ckpt_every": 500, "lr_schedule": "cosine",
+            "batch_size": 128, "log_every": 100, "ckpt_every": 500, "lr_schedule": "cosine", "bf16": True,
             "stages": {
-                "autoencoder": {"steps": 1500, "lr": 1e-3, "warmup_steps": 100},
+                "autoencoder": {"steps": 1500, "lr": 1e-3, "warmup_steps": 100, **_CONV_CPU},
                 "prior": {"steps": 1500, "batch_size": 64, "lr": 1e-3, "warmup_steps": 100, "weight_decay": 0.01,
                           "grad_clip": 1.0},
             },
@@ -101,10 +112,14 @@ VQGAN = {
     # a 2-layer PatchGAN of width 32 (5x5 patch logits) from step 1000 of 2000. One CPU thread, batch
     # 128: ~1.6 s per step before the discriminator starts, ~2.4 s after (the VQ-VAE: ~1.1 s); width
     # 64 costs 3.3 s
+    # The autoencoder stage stays float32 NCHW (the prior trains in bf16, as the VQ-VAE's): in bf16 NHWC
+    # it was 1.7x cheaper, but its final FD 2.14 and rFD 0.268 against 1.87 and 0.243, a larger gap
+    # than the other autoencoders showed (docs/benchmarks.md, "bf16 and channels-last")
     "standard": {
         "model": merge(VQVAE["standard"]["model"], {"disc_width": 32, "disc_layers": 2, "disc_start": 1000,
                                                     "perceptual_weight": 1.0}),
-        "train": merge(VQVAE["standard"]["train"], _GAN_BETAS),
+        "train": merge(VQVAE["standard"]["train"],
+                       merge(_GAN_BETAS, {"stages": {"autoencoder": {"bf16": False, "channels_last": False}}})),
     },
 }
 
@@ -227,6 +242,8 @@ LDM = {
             "batch_size": 64, "log_every": 50, "ckpt_every": 500,
             "stages": {
                 # the VQ-VAE standard autoencoder recipe
+                # float32 NCHW: in bf16 NHWC a tenth of the run's time was saved for 5 % worse rFD and MSE
+                # (0.405 / 0.00428 against 0.385 / 0.00409; docs/benchmarks.md, "bf16 and channels-last")
                 "first_stage": {"steps": 2000, "batch_size": 128, "lr": 1e-3, "warmup_steps": 100,
                                 "lr_schedule": "cosine", "log_every": 100},
                 # DDPM's standard recipe (batch 64, lr, EMA) for 4000 steps: the latent U-Net trains 2.7x

@@ -8,7 +8,7 @@ as in the VQ-VAE prior (van den Oord et al. 2017 sec. 3.2, which used PixelCNN) 
 transformer (Esser et al. 2021). The input is shifted right by one start-of-sequence token (index
 `vocab_size`), so the first code is modelled too: position t reads [SOS, x_1..x_{t-1}] and
 predicts x_t. Architecture: token + learned position embeddings, pre-LayerNorm blocks of causal
-self-attention (F.scaled_dot_product_attention) and a GELU MLP, final LayerNorm, output head tied
+self-attention (genbench.nets.attention) and a GELU MLP, final LayerNorm, output head tied
 to the token embedding (Press & Wolf 2017). Sampling decodes incrementally with a key/value cache:
 each new token costs one forward pass of length 1.
 """
@@ -24,6 +24,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from genbench.errors import GenbenchError
+from genbench.nets.attention import attention
 
 
 @dataclass
@@ -83,12 +84,12 @@ class CausalSelfAttention(nn.Module):
         t = q.shape[2]
         dropout = self.dropout if self.training else 0.0
         if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            y = attention(q, k, v, causal=True, dropout_p=dropout)
         else:
             # is_causal aligns the mask top-left, which is wrong once cached keys precede the
             # queries: query i (absolute position past + i) may see keys 0..past + i
             mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            y = attention(q, k, v, mask=mask, dropout_p=dropout)
         return self.resid_dropout(self.c_proj(rearrange(y, "b h t d -> b t (h d)")))
 
 

@@ -10,7 +10,7 @@
   Ho et al. add b(t) just before that norm, but with one channel per group, as min(32, ch) groups give
   for ch <= 32, GroupNorm would erase it). GroupNorm uses min(32, ch) groups or the largest divisor of
   ch below that;
-* self-attention (multi-head, torch's scaled_dot_product_attention) after the residual blocks of the
+* self-attention (multi-head, genbench.nets.attention) after the residual blocks of the
   chosen levels and in the middle; the last conv of every residual branch and attention projection is
   zero-initialised, so each block starts as the identity;
 * down: stride-2 conv3x3; up: nearest x2 + conv3x3; skip connections concatenate, improved-DDPM style
@@ -39,6 +39,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..errors import GenbenchError
+from .attention import attention
 
 
 @dataclass
@@ -157,7 +158,7 @@ class AttentionBlock(nn.Module):
         tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")
         qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)
         q, k, v = rearrange(qkv, "b n (three heads d) -> three b heads n d", three=3, heads=self.num_heads)
-        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b heads n d -> b n (heads d)")
+        out = rearrange(attention(q, k, v), "b heads n d -> b n (heads d)")
         out = F.linear(out, self.proj.weight.flatten(1), self.proj.bias)
         return x + rearrange(out, "b (h w) c -> b c h w", h=h, w=w)
 

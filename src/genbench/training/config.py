@@ -34,6 +34,10 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables; the exported model then holds the raw weights
     ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)) at update n (training.ema.EMA)
     bf16: bool = False  # bf16 autocast of forward + loss: on CUDA, and on CPUs with native bf16 only
+    # NHWC weights and batches while this stage trains (torch.channels_last): oneDNN's convolutions are
+    # faster so on CPU, bf16 ones most (docs/benchmarks.md, issue 14); the weights are saved and handed
+    # on in the default layout
+    channels_last: bool = False
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 500

@@ -12,15 +12,10 @@ weights as an uninterrupted one (tests/training/test_loop.py checks bit equality
 tests/training/test_faults.py after SIGKILLs at random moments). The checkpoint format belongs to
 genbench.training.checkpoint, the run folder's to genbench.training.run_folder.
 
-Several processes (`torchrun --nproc_per_node=N -m genbench train ...`, see docs/distributed.md
-and genbench.training.distributed): every rank holds the same model and only its shard of the
-training set (a contiguous block of rows, genbench.data.shard_range). Every rank draws the same
-global batch of `batch_size` image indices and trains on those that lie in its shard, its loss
-weighted by its share of the batch (n_r * W / batch_size), so that the average of the ranks'
-gradients is the gradient of the global-batch mean; gradients are averaged after each optimizer
-group's backward, buffers follow rank 0, and rank 0 alone reads and writes the run folder. The
-global batch, the data order and the learning-rate schedule are those of a one-process run, so a
-checkpoint resumes with any number of processes.
+Several processes (`torchrun`, docs/distributed.md): every rank draws the same global batch and trains
+on the images that lie in its shard (genbench.data.shard_range), its loss weighted by its share of
+the batch, so the average of the ranks' gradients is the gradient of the global-batch mean; rank 0
+alone reads and writes the run folder, and a checkpoint resumes with any number of processes.
 
 Images may be uint8 (p / 255) or float32: a batch is converted to float32 in [0, 1] when it is
 drawn (genbench.data.unit_float), so a dataset costs 1 byte a pixel, not 4.
@@ -239,7 +234,8 @@ def train(
     summary["train_flops"] = sum(s.get("flops", 0) for s in summary["stages"].values())
     summary["device"] = str(device)
     summary["world_size"] = world.world_size
-    summary["bf16_used"] = bf16_effective(device, cfg.bf16)
+    # per stage (a preset may use bf16 in one stage only): true if any stage trained in bf16
+    summary["bf16_used"] = any(s.get("bf16_used", False) for s in summary["stages"].values())
     return summary
 
 
@@ -312,11 +308,14 @@ def _train_stage(session: Session, st: StageState, last_stage: bool = True) -> N
                disable=not (session.progress and rank == 0), dynamic_ncols=True, leave=False)
     window_t, window_steps = time.perf_counter(), 0
     stage_summary = session.summary["stages"].setdefault(stage, {})
-    stage_summary.update(steps=cfg.steps, batch_size=bs)  # a resumed run may have been given more steps
+    stage_summary.update(  # a resumed run may have been given more steps
+        steps=cfg.steps, batch_size=bs, bf16_used=bf16, channels_last=cfg.channels_last)
     t_start, cpu_start = time.perf_counter(), time.process_time()
     overhead = [0.0, 0.0]  # wall and CPU seconds of FLOP counting and probes: not training
     earlier_flops = int(_earlier(session, stage, "flops"))
     probing = last_stage and session.probe is not None and cfg.fd_every > 0
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(memory_format=layout)  # in place (param.data): the optimizers and the EMA keep their tensors
 
     def spent() -> tuple[float, float]:
         return (st.elapsed + time.perf_counter() - t_start - overhead[0],
@@ -336,6 +335,7 @@ def _train_stage(session: Session, st: StageState, last_stage: bool = True) -> N
             if len(idx) == 0:  # none of this batch is in this shard: run one image with weight 0 (it adds nothing)
                 idx = torch.zeros(1, dtype=torch.int64)
             batch = unit_float(data, idx.to(device))
+            batch = batch.contiguous(memory_format=layout) if batch.dim() == 4 else batch  # no copy in NCHW
             if not session.step_flops.known(stage, step):  # counted once per kind of step, not training time
                 with _excluded(overhead):
                     session.step_flops(stage, step, batch)
@@ -408,6 +408,7 @@ def _train_stage(session: Session, st: StageState, last_stage: bool = True) -> N
                     raise Interrupted(f"interrupted after step {session.interrupt_at}")
     finally:
         bar.close()
+        model.to(memory_format=torch.contiguous_format)
 
 
 @contextmanager
