@@ -1,9 +1,13 @@
+import os
+
 import pytest
 import torch
 
 # Tests run on 2 cores, often beside pytest-xdist workers: one intra-op thread per process avoids
 # the oversubscription that makes small ops 10x slower.
 torch.set_num_threads(1)
+# and the comparison's evaluation, which takes every core when it has the machine to itself, one too
+os.environ.setdefault("GENBENCH_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

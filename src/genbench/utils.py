@@ -101,3 +101,22 @@ def default_threads() -> int:
             raise GenbenchError(f"GENBENCH_THREADS={env!r}: expected a positive integer")
         return n
     return 1 if (os.cpu_count() or 1) <= 2 else torch.get_num_threads()
+
+
+def threads_when_alone() -> int:
+    """Intra-op threads for work that has the machine to itself (the comparison's evaluation, after its
+    training processes are done): GENBENCH_THREADS when set, else every core. default_threads()'s one
+    thread is for work beside other processes; alone on 2 cores, a second thread made sampling the
+    standard presets' DDPM and VQ-GAN 1.3-1.5x faster (benchmarks/bench_eval_threads.py)."""
+    return default_threads() if os.environ.get("GENBENCH_THREADS") else (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """torch's intra-op threads set to `n` inside, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

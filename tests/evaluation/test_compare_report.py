@@ -248,3 +248,22 @@ def test_compare_reuses_finished_runs_without_training(compare_dir, capsys, monk
     err = capsys.readouterr().err
     assert "holds a run of another request (train.steps: 30 here, 31 requested)" in err and "--replace" in err
     assert (compare_dir / "vae" / "run.json").read_bytes() == before
+
+
+def test_evaluation_takes_the_threads_of_a_machine_to_itself_and_gives_them_back(compare_dir, monkeypatch):
+    from genbench.evaluation import compare as compare_mod
+    from genbench.evaluation.protocol import EvalContext
+
+    seen = []
+    evaluate = EvalContext.evaluate_run
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(EvalContext, "evaluate_run", spy)
+    monkeypatch.setattr(compare_mod, "threads_when_alone", lambda: 3)
+    before = torch.get_num_threads()
+    assert main(["compare", "--dataset", "digits", "--models", "vae", "--out", str(compare_dir), *TINY]) == 0
+    assert seen == [3] and torch.get_num_threads() == before
+    assert json.loads((compare_dir / "metrics.json").read_text())["evaluation_threads"] == 3

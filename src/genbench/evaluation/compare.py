@@ -32,7 +32,7 @@ from genbench.training.budget import plan_budget
 from genbench.training.run import SAMPLER_KEYS, request_differences, resolve_configs, total_steps, train_run
 from genbench.training.run_folder import RunFolder, lock_folder
 from genbench.training.distributed import env_world
-from genbench.utils import check_seed, default_threads, select_device
+from genbench.utils import check_seed, default_threads, intra_op_threads, select_device, threads_when_alone
 
 from .features import check_kind, get_feature_network
 from .probe import FDProbe
@@ -188,16 +188,20 @@ def _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested,
                            features=features)
 
     ctx = EvalContext(ds, feats, num_samples=num_samples, eval_limit=eval_limit, seed=seed)
-    rows = [ctx.reference_row("train set (floor)", ds.train_pixels), ctx.reference_row("uniform noise (ceiling)", None)]
+    eval_threads = threads_when_alone()
+    with intra_op_threads(eval_threads):
+        rows = [ctx.reference_row("train set (floor)", ds.train_pixels),
+                ctx.reference_row("uniform noise (ceiling)", None)]
     for m in models:
         run_dir = out / m
         print(f"[compare] {m}: train (or reuse) in {run_dir}", flush=True)
         train_run(m, ds, run_dir, preset=preset, sets=per_model_sets[m], resume=True, progress=progress,
                   dataset_spec=dataset, sampler_elsewhere=True, probe=FDProbe(ds, kind=features))
-        print(f"[compare] {m}: evaluate", flush=True)
+        print(f"[compare] {m}: evaluate ({eval_threads} threads)", flush=True)
         has_sampler = get_model_class(m).has_sampler
-        rows.append(ctx.evaluate_run(run_dir, device=device, sampler=requested[m].sampler if has_sampler else None,
-                                     sweep=list(sampler_sweep) if has_sampler else []))
+        with intra_op_threads(eval_threads):  # nothing of ours trains beside it now: every core
+            rows.append(ctx.evaluate_run(run_dir, device=device, sampler=requested[m].sampler if has_sampler else None,
+                                         sweep=list(sampler_sweep) if has_sampler else []))
     result = {
         "protocol_version": PROTOCOL_VERSION,
         "dataset": dataset.to_dict(),
@@ -207,6 +211,7 @@ def _compare_locked(dataset, ds, out, models, preset, per_model_sets, requested,
         "seed": seed,
         "feature_network": feats.describe(),
         "rows": rows,
+        "evaluation_threads": eval_threads,
         "wall_time_s": time.perf_counter() - t0,
     }
     if plans:
