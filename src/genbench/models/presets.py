@@ -21,10 +21,10 @@ from genbench.config import merge
 # ---------------------------------------------------------------------------------------------
 # The conv autoencoders of the standard AE, VAE and VQ-VAE presets train in bf16 autocast on
 # channels-last (NHWC) weights and batches. The trainer honours bf16 only on CUDA or CPUs with native
-# bf16 (genbench.utils.bf16_effective). On this project's AVX-512-BF16/AMX CPUs a training step is
-# then 2-3x cheaper than fp32 NCHW (oneDNN's NCHW kernels are slow at 16-48 channels), at about the
-# same quality (docs/benchmarks.md, "bf16 and channels-last"). The U-Nets stay NCHW: their GroupNorm
-# is 5-10x slower on NHWC bf16 tensors in torch 2.13, which undoes the gain.
+# bf16 (genbench.utils.bf16_effective). A training step is then about 2x cheaper than fp32 NCHW on
+# an AVX-512-BF16 CPU and 2.4-2.6x with AMX (oneDNN's NCHW kernels are slow at 16-48 channels), at
+# about the same quality (docs/benchmarks.md, "bf16 and channels-last"). The U-Nets stay NCHW: their
+# GroupNorm is 5-12x slower on NHWC bf16 tensors in torch 2.13, which undoes the gain.
 _CONV_CPU = {"bf16": True, "channels_last": True}
 
 # ---------------------------------------------------------------------------------------------

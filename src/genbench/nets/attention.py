@@ -5,8 +5,9 @@ torch's fused CPU kernel (flash attention) is the faster one in float32 and on C
 CPU (torch 2.13) it is 6-9x slower, forward + backward, than two matmuls and a softmax at genbench's
 sizes: 64 images x 2 heads x 49 tokens x 32 dims took 27 ms against 4.6. That was a quarter of the
 standard DDPM's bf16 training step and made the VQ-VAE's transformer prior slower in bf16 than in
-float32 (325 against 281 ms a step; 165 with the explicit form). So bf16 on CPU takes the explicit
-form; everything else the fused kernel (docs/benchmarks.md, "What a training step costs").
+float32 (240 against 222 ms a step; 132 with the explicit form). So bf16 on CPU takes the explicit
+form; everything else the fused kernel (docs/benchmarks.md, "bf16 and channels-last, and what a
+training step costs").
 """
 
 from __future__ import annotations
